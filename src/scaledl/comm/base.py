@@ -1,0 +1,94 @@
+"""The compressor contract shared by the DDP hooks (:mod:`scaledl.comm`) and the
+communication-efficient optimizers (:mod:`scaledl.optim`).
+
+A compressor turns a flat fp32 tensor into a **fixed-size** ``uint8`` payload, so that every
+rank's payload has the same length and one collective with equal splits moves them all.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+__all__ = ["Compressor", "IdentityCompressor", "ZeroCompressor"]
+
+
+class Compressor(abc.ABC):
+    """Encode a 1-D float tensor into a fixed-size byte payload and back.
+
+    ``key`` is an integer on which all ranks agree for the same logical tensor and step
+    (derived from seed, step, bucket and shard). Compressors with shared randomness
+    (random-k) draw from it, so their choices are identical on every rank and never sent.
+    """
+
+    #: registry name
+    name: str = ""
+    #: True when summing decoded payloads equals decoding a sum taken in the compressed
+    #: domain, so one ``all_reduce`` can replace all-to-all + all-gather (casts, shared-seed
+    #: random-k).
+    allreduce_compatible: bool = False
+
+    @abc.abstractmethod
+    def payload_bytes(self, numel: int) -> int:
+        """Exact size in bytes of the payload for ``numel`` elements."""
+
+    @abc.abstractmethod
+    def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
+        """Return a 1-D ``uint8`` tensor of ``payload_bytes(x.numel())`` bytes on ``x.device``."""
+
+    @abc.abstractmethod
+    def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
+        """Decode a payload into a 1-D float32 tensor of ``numel`` elements."""
+
+    def roundtrip(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
+        """``decompress(compress(x))``: what the receiver sees (the error-feedback reference)."""
+        return self.decompress(self.compress(x, key), x.numel(), key)
+
+    def ratio(self, numel: int, baseline_bytes_per_element: int = 4) -> float:
+        """Algorithmic compression ratio against a dense baseline (fp32 by default)."""
+        payload = self.payload_bytes(numel)
+        return float("inf") if payload == 0 else baseline_bytes_per_element * numel / payload
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _check_flat(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 1:
+        raise ValueError(f"compressors take flat 1-D tensors, got shape {tuple(x.shape)}")
+    return x
+
+
+class IdentityCompressor(Compressor):
+    """No compression: the fp32 bytes themselves (a test oracle and baseline)."""
+
+    name = "identity"
+    allreduce_compatible = True
+
+    def payload_bytes(self, numel: int) -> int:
+        return 4 * numel
+
+    def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
+        return _check_flat(x).detach().to(torch.float32).contiguous().view(torch.uint8)
+
+    def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
+        if payload.numel() != 4 * numel:
+            raise ValueError(f"identity payload of {payload.numel()} bytes for {numel} elements")
+        return payload.view(torch.float32).clone()
+
+
+class ZeroCompressor(Compressor):
+    """Sends nothing and decodes zeros (CSER's C1 = 0 turns it into local SGD)."""
+
+    name = "zero"
+    allreduce_compatible = True
+
+    def payload_bytes(self, numel: int) -> int:
+        return 0
+
+    def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8, device=_check_flat(x).device)
+
+    def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
+        return torch.zeros(numel, dtype=torch.float32, device=payload.device)

@@ -1,0 +1,35 @@
+"""Medical imaging: shape-prior segmentation (arXiv 2204.11090) and RECIST-Net detection
+(arXiv 2107.08715).
+
+Names are resolved lazily so that ``import scaledl.medical`` does not import MONAI or
+scikit-image until a model or data generator is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> submodule that defines it. Segmentation lives in ``segmentation*``
+#: modules, detection in ``recist*`` / ``froc_eval`` modules (not ``froc.py``: a
+#: submodule of that name would shadow the function).
+_EXPORTS: dict[str, str] = {
+    # shape priors by pairwise comparison
+    "ShapePriorNet": "scaledl.medical.shape_prior",
+    # RECIST-Net
+    "RECISTNet": "scaledl.medical.recist_net",
+    "mask_to_recist": "scaledl.medical.recist_geometry",
+    "recist_to_box": "scaledl.medical.recist_geometry",
+    "froc": "scaledl.medical.froc_eval",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'scaledl.medical' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
