@@ -2,5 +2,28 @@
 
 from scaledl.comm.accounting import CommStats
 from scaledl.comm.base import Compressor, IdentityCompressor, ZeroCompressor
+from scaledl.comm.compressors import (
+    CastCompressor,
+    DitheringCompressor,
+    OneBitCompressor,
+    RandomKCompressor,
+    TopKCompressor,
+    available_compressors,
+    derive_key,
+    get_compressor,
+)
 
-__all__ = ["CommStats", "Compressor", "IdentityCompressor", "ZeroCompressor"]
+__all__ = [
+    "CastCompressor",
+    "CommStats",
+    "Compressor",
+    "DitheringCompressor",
+    "IdentityCompressor",
+    "OneBitCompressor",
+    "RandomKCompressor",
+    "TopKCompressor",
+    "ZeroCompressor",
+    "available_compressors",
+    "derive_key",
+    "get_compressor",
+]

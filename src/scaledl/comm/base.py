@@ -75,7 +75,8 @@ class IdentityCompressor(Compressor):
     def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
         if payload.numel() != 4 * numel:
             raise ValueError(f"identity payload of {payload.numel()} bytes for {numel} elements")
-        return payload.view(torch.float32).clone()
+        # A slice of a received buffer may start at an offset not divisible by 4.
+        return payload.clone().view(torch.float32)
 
 
 class ZeroCompressor(Compressor):
