@@ -2,6 +2,7 @@
 
 from scaledl.comm.accounting import CommStats
 from scaledl.comm.base import Compressor, IdentityCompressor, ZeroCompressor
+from scaledl.comm.clan import CLAN, LANS, lans_param_groups
 from scaledl.comm.compressors import (
     CastCompressor,
     DitheringCompressor,
@@ -12,18 +13,30 @@ from scaledl.comm.compressors import (
     derive_key,
     get_compressor,
 )
+from scaledl.comm.error_feedback import EF_MODES, ErrorFeedback, compress_shards
+from scaledl.comm.hooks import MODES, CompressionState, compression_hook, register_compression
 
 __all__ = [
+    "CLAN",
+    "EF_MODES",
+    "LANS",
+    "MODES",
     "CastCompressor",
     "CommStats",
+    "CompressionState",
     "Compressor",
     "DitheringCompressor",
+    "ErrorFeedback",
     "IdentityCompressor",
     "OneBitCompressor",
     "RandomKCompressor",
     "TopKCompressor",
     "ZeroCompressor",
     "available_compressors",
+    "compress_shards",
+    "compression_hook",
     "derive_key",
     "get_compressor",
+    "lans_param_groups",
+    "register_compression",
 ]
