@@ -1,0 +1,198 @@
+"""Cost models: compute time (analytic roofline or measured) and communication per device pair.
+
+- :class:`Roofline`: ``max(flops / peak_flops, bytes / bandwidth) + launch_overhead`` for
+  CPU-only planning (spec §2.9 step 2); :meth:`Roofline.calibrate` measures a device.
+- :func:`measure_seconds`: median time of a callable, CUDA events after warm-up on GPU.
+- :class:`CommCost`: ``latency + bytes * seconds_per_byte`` (spec §2.7), fitted from a measured
+  transfer sweep with :func:`transfer_sweep` and :func:`fit_comm_cost`.
+- :class:`Cluster`: device memory limits, a :class:`CommCost` per device pair and the
+  contention model used by the placers and the simulator.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+GIB = 1024**3
+#: Contention models (spec §2.7): one shared send/receive timeline per device, one timeline
+#: per ordered device pair (full duplex links), or none (every transfer starts immediately).
+CONTENTION_MODELS = ("shared", "link", "none")
+
+
+@dataclass(frozen=True)
+class CommCost:
+    """Transfer time of ``n`` bytes: ``latency_s + n * seconds_per_byte``."""
+
+    latency_s: float
+    seconds_per_byte: float
+
+    def __call__(self, nbytes: float) -> float:
+        return self.latency_s + nbytes * self.seconds_per_byte
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second."""
+        return 1.0 / self.seconds_per_byte if self.seconds_per_byte > 0 else float("inf")
+
+
+#: The PyTorch reference's fit with its 1.2 comm factor: 1.2 * 1.788e-7 ms/B + 0.1 ms (PCIe).
+PCIE_COMM = CommCost(latency_s=1e-4, seconds_per_byte=1.2 * 1.788e-10)
+#: An H100 NVLink pair: about 20 µs per copy launch and sync, roughly 150 GB/s per direction.
+NVLINK_COMM = CommCost(latency_s=2e-5, seconds_per_byte=1 / 150e9)
+
+
+@dataclass
+class Cluster:
+    """Devices available for a placement: memory limits and pairwise communication costs."""
+
+    memory: list[int]
+    comm: CommCost | list[list[CommCost]] = PCIE_COMM
+    contention: str = "shared"
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.memory)
+        if n < 1:
+            raise ValueError("a cluster needs at least one device")
+        if any(m <= 0 for m in self.memory):
+            raise ValueError(f"device memory must be > 0 bytes, got {self.memory}")
+        if self.contention not in CONTENTION_MODELS:
+            raise ValueError(
+                f"unknown contention model {self.contention!r}; choose from {CONTENTION_MODELS}"
+            )
+        if isinstance(self.comm, CommCost):
+            self.comm = [[self.comm] * n for _ in range(n)]
+        if len(self.comm) != n or any(len(row) != n for row in self.comm):
+            raise ValueError(f"comm must be one CommCost or an {n}x{n} matrix of them")
+        self.memory = [int(m) for m in self.memory]
+        if not self.names:
+            self.names = [f"dev{i}" for i in range(n)]
+        self.latency = [[c.latency_s for c in row] for row in self.comm]
+        self.per_byte = [[c.seconds_per_byte for c in row] for row in self.comm]
+
+    @classmethod
+    def uniform(
+        cls,
+        n: int,
+        memory_bytes: float,
+        comm: CommCost = PCIE_COMM,
+        contention: str = "shared",
+    ) -> Cluster:
+        """``n`` identical devices of ``memory_bytes`` each, all pairs costing ``comm``."""
+        if n < 1:
+            raise ValueError(f"--devices must be >= 1, got {n}")
+        return cls([int(memory_bytes)] * n, comm, contention)
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def transfer_s(self, src: int, dst: int, nbytes: float) -> float:
+        if src == dst:
+            return 0.0
+        return self.latency[src][dst] + nbytes * self.per_byte[src][dst]
+
+    def max_comm_s(self, nbytes: float) -> float:
+        """The slowest pair's time for ``nbytes`` (used for bounds)."""
+        n = len(self)
+        if n == 1:
+            return 0.0
+        return max(self.transfer_s(a, b, nbytes) for a in range(n) for b in range(n) if a != b)
+
+
+@dataclass
+class Roofline:
+    """Analytic op time: ``max(flops / peak_flops, bytes / bandwidth) + launch_overhead_s``."""
+
+    peak_flops: float = 5e10
+    bandwidth: float = 1e10
+    launch_overhead_s: float = 5e-6
+
+    def __call__(self, flops: float, nbytes: float) -> float:
+        return max(flops / self.peak_flops, nbytes / self.bandwidth) + self.launch_overhead_s
+
+    @classmethod
+    def calibrate(cls, device: str = "cpu", size: int = 1024, repeats: int = 5) -> Roofline:
+        """Measure matmul throughput, copy bandwidth and an empty-op overhead on ``device``."""
+        import torch
+
+        dev = torch.device(device)
+        a = torch.randn(size, size, device=dev)
+        b = torch.randn(size, size, device=dev)
+        mm = measure_seconds(lambda: a @ b, device=dev, repeats=repeats)
+        big = torch.empty(16 * 1024 * 1024 // 4, device=dev)
+        out = torch.empty_like(big)
+        cp = measure_seconds(lambda: out.copy_(big), device=dev, repeats=repeats)
+        tiny = torch.zeros(1, device=dev)
+        ov = measure_seconds(lambda: tiny.add_(1), device=dev, repeats=repeats)
+        return cls(
+            peak_flops=2 * size**3 / mm,
+            bandwidth=2 * big.numel() * 4 / cp,
+            launch_overhead_s=ov,
+        )
+
+
+def measure_seconds(
+    fn: Callable[[], object], *, device=None, warmup: int = 2, repeats: int = 5
+) -> float:
+    """Median seconds of ``fn()``: CUDA events on a GPU (no host sync per call), else a clock."""
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    for _ in range(warmup):
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        events = []
+        for _ in range(repeats):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            events.append((s, e))
+        torch.cuda.synchronize(dev)
+        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def transfer_sweep(
+    src: str,
+    dst: str,
+    *,
+    max_log2_elements: int = 24,
+    repeats: int = 20,
+) -> list[tuple[int, float]]:
+    """Median time to copy 2^0 .. 2^k float32 elements from ``src`` to ``dst`` (spec §2.1)."""
+    import torch
+
+    samples = []
+    for k in range(max_log2_elements + 1):
+        x = torch.ones(2**k, device=src)
+        dev = torch.device(dst) if torch.device(dst).type == "cuda" else torch.device(src)
+        t = measure_seconds(
+            lambda x=x: x.to(dst, non_blocking=False, copy=True), device=dev, repeats=repeats
+        )
+        samples.append((x.numel() * 4, t))
+    return samples
+
+
+def fit_comm_cost(samples: Sequence[tuple[int, float]]) -> CommCost:
+    """Least-squares fit of ``latency + bytes * seconds_per_byte`` (both clamped to >= 0)."""
+    if len(samples) < 2:
+        raise ValueError("fit_comm_cost needs at least two (bytes, seconds) samples")
+    x = np.asarray([s[0] for s in samples], dtype=np.float64)
+    y = np.asarray([s[1] for s in samples], dtype=np.float64)
+    # Relative errors: small transfers fix the latency, large ones the bandwidth.
+    w = 1.0 / np.maximum(y, 1e-9)
+    A = np.stack([np.ones_like(x), x], axis=1) * w[:, None]
+    (lat, slope), *_ = np.linalg.lstsq(A, y * w, rcond=None)
+    return CommCost(latency_s=max(float(lat), 0.0), seconds_per_byte=max(float(slope), 1e-15))

@@ -1,0 +1,158 @@
+"""The placement pipeline (spec §2.1): trace -> graph -> group/fuse -> place -> simulate.
+
+:func:`place_graph` places an :class:`OpGraph` (shrinking it first) and maps the placement back
+to every original node; :func:`place` does the same for an ``nn.Module`` and example inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from scaledl.placement.bounds import lower_bounds
+from scaledl.placement.cost_model import GIB, Cluster, Roofline
+from scaledl.placement.graph import OpGraph
+from scaledl.placement.m_etf import m_etf
+from scaledl.placement.m_sct import m_sct
+from scaledl.placement.m_topo import m_topo
+from scaledl.placement.shrink import ShrunkGraph, shrink
+from scaledl.placement.simulator import PlacementResult, simulate
+from scaledl.placement.trace import TracedModel, trace
+
+ALGORITHMS = {"m-topo": m_topo, "m-etf": m_etf, "m-sct": m_sct}
+
+
+@dataclass
+class Plan:
+    """A placement of a graph: the placer's result on the shrunk graph, mapped back."""
+
+    graph: OpGraph
+    shrunk: ShrunkGraph | None
+    result: PlacementResult
+    placement: np.ndarray
+    seconds: float
+    traced: TracedModel | None = None
+
+    @property
+    def algorithm(self) -> str:
+        return self.result.algorithm
+
+    def by_name(self) -> dict[str, int]:
+        """Device per original graph node name."""
+        return dict(zip(self.graph.names, self.placement.tolist()))
+
+    def fx_placement(self) -> dict[str, int]:
+        """Device per fx node (the forward node's device), for :class:`PlacedModule`."""
+        return {
+            TracedModel.fx_name(name): d
+            for name, d in self.by_name().items()
+            if not name.startswith(("bwd:", "opt:"))
+        }
+
+    def fx_order(self) -> list[str]:
+        """fx node names by simulated start of their forward node (ties by graph order)."""
+        start = self.result.schedule.start
+        idx = self.shrunk.node_of if self.shrunk is not None else np.arange(len(self.graph))
+        keyed = [
+            (float(start[idx[i]]), i, TracedModel.fx_name(name))
+            for i, name in enumerate(self.graph.names)
+            if not name.startswith(("bwd:", "opt:"))
+        ]
+        return [name for _, _, name in sorted(keyed)]
+
+    def replay(self, cluster: Cluster | None = None, contention: str | None = None):
+        """Simulate the placement on the original (unshrunk) graph."""
+        return simulate(self.graph, self.placement, cluster or self.result.cluster,
+                        contention=contention)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON facts: the placer's schedule, bounds on the original graph, memory per device."""
+        out = self.result.summary()
+        lb = lower_bounds(self.graph, self.result.cluster)
+        replay = self.replay()
+        out.update(
+            placement_seconds=self.seconds,
+            nodes=len(self.graph),
+            edges=self.graph.num_edges,
+            shrunk_nodes=len(self.result.graph),
+            shrunk_edges=self.result.graph.num_edges,
+            placer_makespan_s=self.result.makespan,
+            simulated_step_time_s=replay.makespan,
+            lower_bound_s=lb["lower_bound_s"],
+            critical_path_s=lb["critical_path_s"],
+            work_per_device_s=lb["work_per_device_s"],
+            min_devices_by_memory=lb["min_devices"],
+            makespan_over_lower_bound=replay.makespan / lb["lower_bound_s"]
+            if lb["lower_bound_s"] > 0
+            else None,
+            simulated_peak_memory_gib=[round(p / GIB, 4) for p in replay.peak_memory],
+            nodes_per_device=np.bincount(self.placement, minlength=len(self.result.cluster))
+            .astype(int)
+            .tolist(),
+        )
+        return out
+
+
+def place_graph(
+    graph: OpGraph,
+    cluster: Cluster,
+    algorithm: str = "m-etf",
+    *,
+    shrink_graph: bool = True,
+    max_group_fraction: float = 0.25,
+    **options: Any,
+) -> Plan:
+    """Shrink ``graph`` (groups capped at ``max_group_fraction`` of the smallest device), place
+    it with ``algorithm`` and map the placement back to every node."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+    t0 = time.perf_counter()
+    sg = None
+    target = graph
+    if shrink_graph:
+        sg = shrink(graph, max_group_bytes=int(min(cluster.memory) * max_group_fraction))
+        target = sg.graph
+    result = ALGORITHMS[algorithm](target, cluster, **options)
+    placement = sg.expand(result.placement) if sg is not None else result.placement
+    return Plan(graph, sg, result, placement, time.perf_counter() - t0)
+
+
+def place(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    devices: int | Cluster = 2,
+    memory_gib: float | Sequence[float] = 16.0,
+    algorithm: str = "m-etf",
+    leaf_modules: Sequence[type] = (),
+    training: bool = True,
+    roofline: Roofline | None = None,
+    profile: bool = False,
+    **options: Any,
+) -> Plan:
+    """Trace ``model`` and place its training (or inference) graph on memory-limited devices."""
+    if isinstance(devices, Cluster):
+        cluster = devices
+    else:
+        mem = [memory_gib] * devices if isinstance(memory_gib, (int, float)) else memory_gib
+        if len(mem) != devices:
+            raise ValueError(f"got {len(mem)} memory sizes for {devices} devices")
+        if devices < 1 or any(m <= 0 for m in mem):
+            raise ValueError("devices must be >= 1 and every memory size > 0 GiB")
+        cluster = Cluster([int(m * GIB) for m in mem])
+    traced = trace(
+        model,
+        example_inputs,
+        leaf_modules=leaf_modules,
+        training=training,
+        roofline=roofline,
+        profile=profile,
+    )
+    plan = place_graph(traced.op_graph(), cluster, algorithm, **options)
+    plan.traced = traced
+    return plan
