@@ -89,7 +89,9 @@ def lower_bounds(graph: OpGraph, cluster: Cluster) -> dict[str, float | int | No
     }
 
 
-def infeasible(graph: OpGraph, cluster: Cluster, algorithm: str, node: int) -> InfeasiblePlacementError:
+def infeasible(
+    graph: OpGraph, cluster: Cluster, algorithm: str, node: int
+) -> InfeasiblePlacementError:
     """The error for a node that fits nowhere, naming the minimum number of devices."""
     need = min_devices(graph, cluster.memory)
     cap = max(cluster.memory) / GIB

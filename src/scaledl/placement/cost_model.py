@@ -136,6 +136,15 @@ class Roofline:
         )
 
 
+#: Achievable (not peak datasheet) figures for planning without measurements: fp32 matmul
+#: throughput, memory bandwidth and per-kernel launch overhead.
+ROOFLINES = {
+    "h100": Roofline(peak_flops=4.0e13, bandwidth=2.5e12, launch_overhead_s=8e-6),
+    "a100": Roofline(peak_flops=1.6e13, bandwidth=1.5e12, launch_overhead_s=8e-6),
+    "cpu": Roofline(),
+}
+
+
 def measure_seconds(
     fn: Callable[[], object], *, device=None, warmup: int = 2, repeats: int = 5
 ) -> float:

@@ -109,9 +109,7 @@ class PlacedModule(nn.Module):
         placed: dict[str, int] = {}
         for n in nodes:
             d = self.device_of[n.name]
-            if n.op == "call_module":
-                target = n.target
-            elif n.op == "get_attr":
+            if n.op == "call_module" or n.op == "get_attr":
                 target = n.target
             else:
                 continue

@@ -25,7 +25,9 @@ from scaledl.placement.list_scheduler import ListScheduler
 from scaledl.placement.simulator import PlacementResult, finish
 
 
-def favorite_lp(graph: OpGraph, cluster: Cluster) -> tuple[np.ndarray, list[tuple[int, int]], float]:
+def favorite_lp(
+    graph: OpGraph, cluster: Cluster
+) -> tuple[np.ndarray, list[tuple[int, int]], float]:
     """Solve the favorite-child LP; returns (x per edge, edges, LP optimum w* in seconds)."""
     edges = list(graph.edge_tensors)
     n, ne = len(graph), len(edges)

@@ -43,7 +43,9 @@ def milp_place(graph: OpGraph, cluster: Cluster, *, time_limit_s: float = 60.0) 
     p, c = p / scale, c / scale
     big = float(p.sum() + c.sum()) + 1.0
     reach = _reachability(graph)
-    pairs = [(u, v) for u in range(n) for v in range(u + 1, n) if not reach[u, v] and not reach[v, u]]
+    pairs = [
+        (u, v) for u in range(n) for v in range(u + 1, n) if not reach[u, v] and not reach[v, u]
+    ]
     # Variable layout: y (n*m) | z (|E|) | s (n) | o (pairs) | T (m) | w
     Y, Z = 0, n * m
     S = Z + len(edges)
@@ -73,15 +75,24 @@ def milp_place(graph: OpGraph, cluster: Cluster, *, time_limit_s: float = 60.0) 
     for k, (u, v) in enumerate(pairs):
         for d in range(m):
             # o=1: u before v. Active only when both sit on d (y_ud + y_vd = 2).
-            add({S + v: 1.0, S + u: -1.0, O + k: -big, y(u, d): -big, y(v, d): -big},
-                p[u] - 3 * big, np.inf)
-            add({S + u: 1.0, S + v: -1.0, O + k: big, y(u, d): -big, y(v, d): -big},
-                p[v] - 2 * big, np.inf)
+            add(
+                {S + v: 1.0, S + u: -1.0, O + k: -big, y(u, d): -big, y(v, d): -big},
+                p[u] - 3 * big,
+                np.inf,
+            )
+            add(
+                {S + u: 1.0, S + v: -1.0, O + k: big, y(u, d): -big, y(v, d): -big},
+                p[v] - 2 * big,
+                np.inf,
+            )
     perm, temp = graph.permanent, graph.temporary
     mscale = float(max(cluster.memory))
     for d in range(m):
-        add({**{y(v, d): perm[v] / mscale for v in range(n)}, T + d: 1.0},
-            -np.inf, cluster.memory[d] / mscale)
+        add(
+            {**{y(v, d): perm[v] / mscale for v in range(n)}, T + d: 1.0},
+            -np.inf,
+            cluster.memory[d] / mscale,
+        )
         for v in range(n):
             if temp[v]:
                 add({T + d: 1.0, y(v, d): -temp[v] / mscale}, 0.0, np.inf)

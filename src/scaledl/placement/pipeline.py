@@ -67,8 +67,9 @@ class Plan:
 
     def replay(self, cluster: Cluster | None = None, contention: str | None = None):
         """Simulate the placement on the original (unshrunk) graph."""
-        return simulate(self.graph, self.placement, cluster or self.result.cluster,
-                        contention=contention)
+        return simulate(
+            self.graph, self.placement, cluster or self.result.cluster, contention=contention
+        )
 
     def summary(self) -> dict[str, Any]:
         """JSON facts: the placer's schedule, bounds on the original graph, memory per device."""

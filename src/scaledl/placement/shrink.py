@@ -126,9 +126,7 @@ def shrink(
                 a, b = fz.find(u), fz.find(v)
                 if a == b or group_root[u] != group_root[v] or b not in succ[a]:
                     continue
-                if len(succ[a]) > 1 and len(pred[b]) > 1 and (
-                    not exact or _other_path(succ, a, b)
-                ):
+                if len(succ[a]) > 1 and len(pred[b]) > 1 and (not exact or _other_path(succ, a, b)):
                     continue
                 _contract(fz, succ, pred, tensors, a, b)
     reps = sorted({fz.find(i) for i in range(n)}, key=lambda r: rank[r])

@@ -48,7 +48,11 @@ class TracedModel:
     @staticmethod
     def fx_name(graph_node: str) -> str:
         """The fx node behind a graph node name (``fwd:``/``bwd:``/``opt:`` prefixes stripped)."""
-        return graph_node.split(":", 1)[1] if graph_node[:4] in ("fwd:", "bwd:", "opt:") else graph_node
+        return (
+            graph_node.split(":", 1)[1]
+            if graph_node[:4] in ("fwd:", "bwd:", "opt:")
+            else graph_node
+        )
 
 
 class _Tracer(fx.Tracer):
@@ -151,9 +155,7 @@ def trace(
         params: list[torch.Tensor] = []
         attr: Any = None
         if node.op == "call_module":
-            params = list(modules[node.target].parameters()) + list(
-                modules[node.target].buffers()
-            )
+            params = list(modules[node.target].parameters()) + list(modules[node.target].buffers())
         elif node.op == "get_attr":
             attr = gm
             for part in node.target.split("."):
@@ -189,8 +191,10 @@ def trace(
 
         def pack(t, saved=saved, param_ids=param_ids):
             base = t._base if t._base is not None else t
-            if id(t) not in param_ids and id(base) not in param_ids and not (
-                base.is_leaf and base.requires_grad
+            if (
+                id(t) not in param_ids
+                and id(base) not in param_ids
+                and not (base.is_leaf and base.requires_grad)
             ):
                 saved[id(t)] = t.numel() * t.element_size()
             return t
