@@ -12,6 +12,7 @@ read the same remote tensor.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -97,7 +98,7 @@ def milp_place(graph: OpGraph, cluster: Cluster, *, time_limit_s: float = 60.0) 
             if temp[v]:
                 add({T + d: 1.0, y(v, d): -temp[v] / mscale}, 0.0, np.inf)
     for members in graph.groups().values():
-        for a, b in zip(members, members[1:]):
+        for a, b in itertools.pairwise(members):
             for d in range(m):
                 add({y(a, d): 1.0, y(b, d): -1.0}, 0.0, 0.0)
     A = sparse.lil_matrix((len(rows), nv))

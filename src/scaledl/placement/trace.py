@@ -124,10 +124,10 @@ def trace(
 ) -> TracedModel:
     """Trace ``model`` on ``example_inputs`` into placeable op specs.
 
-    ``profile=True`` measures each node's forward and backward time with CUDA events on the
-    device of the model (warm-up, median over ``repeats``); otherwise times come from
-    ``roofline`` (default: :class:`Roofline` with CPU-class figures). Parameters may live on
-    the ``meta`` device (shapes only) for analytic planning of models too big for this host.
+    ``profile=True`` measures each node's forward and backward time on the device of the model
+    (CUDA events on a GPU, a clock on CPU; warm-up, median over ``repeats``); otherwise times
+    come from ``roofline`` (default: :class:`Roofline` with CPU-class figures). Parameters may
+    live on the ``meta`` device (shapes only) to plan models too big for this host.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -146,7 +146,7 @@ def trace(
     env: dict[str, Any] = {}
     specs: list[OpSpec] = []
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    measure = profile and device.type == "cuda"
+    measure = profile
     inputs = iter(example_inputs)
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -229,7 +229,7 @@ def trace(
             fwd_s = measure_seconds(run, device=device, repeats=repeats)
             if needs_bwd:
                 bwd_s = measure_seconds(
-                    lambda: torch.autograd.grad(
+                    lambda outs=outs, targets=targets, grads=grads: torch.autograd.grad(
                         outs, targets, grads, retain_graph=True, allow_unused=True
                     ),
                     device=device,
