@@ -34,6 +34,10 @@ class CommStats:
         if uncompressed:
             self.uncompressed_sent += sent
 
+    def record_baseline(self, dense_fp32: int) -> None:
+        """Count what an fp32 exchange would send, for an exchange recorded piecewise."""
+        self.step_dense_fp32 += dense_fp32
+
     def end_step(self) -> None:
         self.steps += 1
         self.total_sent += self.step_sent

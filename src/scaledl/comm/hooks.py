@@ -48,8 +48,17 @@ MODES = ("two_way", "one_way", "allreduce", "auto")
 class _BucketState:
     """Worker and server error feedback of one DDP bucket."""
 
-    def __init__(self, numel: int, worker: ErrorFeedback, server: ErrorFeedback) -> None:
+    def __init__(
+        self,
+        numel: int,
+        padded: int,
+        params: tuple[tuple[int, int], ...] | None,
+        worker: ErrorFeedback,
+        server: ErrorFeedback,
+    ) -> None:
         self.numel = numel
+        self.padded = padded
+        self.params = params  # (position in the model, numel) of each parameter, bucket order
         self.worker = worker
         self.server = server
 
@@ -128,6 +137,9 @@ class CompressionState:
         self.iteration = 0
         self.buckets: dict[int, _BucketState] = {}
         self.bucket_resets = 0
+        self._positions: dict[int, int] | None = None
+        self._pending: dict[int, dict[str, torch.Tensor | None]] = {}
+        self._pending_lr: tuple[float | None, float | None] = (None, None)
         self.stats = CommStats()
         self.phase_seconds: dict[str, float] = {"compress": 0.0, "communicate": 0.0}
         self._a2a_ok: bool | None = None
@@ -163,47 +175,128 @@ class CompressionState:
             **self.stats.as_dict(),
         }
 
+    def bind(self, model: torch.nn.Module) -> None:
+        """Know ``model``'s parameters, so that error buffers are kept per parameter.
+
+        Needed for :meth:`state_dict`, and lets the state survive a change of DDP's bucket
+        layout (DDP re-forms buckets after the first iteration, also after a resume).
+        :func:`register_compression` calls it.
+        """
+        self._positions = {id(p): i for i, p in enumerate(model.parameters())}
+
     def state_dict(self) -> dict[str, Any]:
-        """Error and momentum buffers, iteration and counters (for checkpoints)."""
+        """This rank's error and momentum buffers per parameter, iteration and lr.
+
+        Error feedback is per rank: save and load it on every rank (e.g. one file per rank).
+        """
+        if self._positions is None:
+            raise ValueError("call state.bind(model) (or use register_compression) first")
         return {
             "iteration": self.iteration,
             "lr": self.lr,
-            "buckets": {
-                i: {
-                    "numel": b.numel,
-                    "worker": b.worker.state_dict(),
-                    "server": b.server.state_dict(),
-                }
-                for i, b in self.buckets.items()
-            },
-            "stats": self.stats.as_dict(),
+            "params": {**self._pending, **self._export_params()},
+            "last_lr": self._last_lr(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; buffers are re-assembled when each bucket next runs."""
         self.iteration = int(state["iteration"])
         self.lr = state["lr"]
         self.buckets = {}
-        for i, b in state["buckets"].items():
-            bs = self._new_bucket(int(b["numel"]))
-            bs.worker.load_state_dict(b["worker"])
-            bs.server.load_state_dict(b["server"])
-            self.buckets[int(i)] = bs
+        self._pending = dict(state["params"])
+        self._pending_lr = tuple(state["last_lr"])
 
     # ----------------------------------------------------------------------- internals
-    def _new_bucket(self, numel: int) -> _BucketState:
-        return _BucketState(
-            numel, ErrorFeedback(self.ef, self.momentum), ErrorFeedback(self.server_ef, 0.0)
-        )
+    def _last_lr(self) -> tuple[float | None, float | None]:
+        for b in self.buckets.values():
+            return (b.worker.last_lr, b.server.last_lr)
+        return self._pending_lr
 
-    def _bucket(self, index: int, numel: int) -> _BucketState:
+    def _export_params(self) -> dict[int, dict[str, torch.Tensor | None]]:
+        """Split every bucket's buffers by parameter; server shards go to full length."""
+        n, rank = self._world()
+        out: dict[int, dict[str, torch.Tensor | None]] = {}
+        for b in self.buckets.values():
+            if b.params is None:
+                raise ValueError("call state.bind(model) (or use register_compression) first")
+            server = None
+            if b.server.error is not None:
+                length = b.padded // n
+                server = torch.zeros(b.padded, device=b.server.error.device)
+                server[rank * length : (rank + 1) * length] = b.server.error
+            off = 0
+            for pos, size in b.params:
+                out[pos] = {
+                    name: None if buf is None else buf[off : off + size].clone()
+                    for name, buf in (
+                        ("error", b.worker.error),
+                        ("momentum", b.worker.momentum_buf),
+                        ("server_error", server),
+                    )
+                }
+                off += size
+        return out
+
+    def _assemble(self, bs: _BucketState, device: torch.device) -> None:
+        """Fill a new bucket's buffers from per-parameter state (checkpoint or old layout)."""
+        assert bs.params is not None
+        n, rank = self._world()
+        for field in ("error", "momentum", "server_error"):
+            parts = [self._pending.get(pos, {}).get(field) for pos, _ in bs.params]
+            if all(p is None for p in parts):
+                continue
+            flat = torch.zeros(bs.padded, device=device)
+            flat[: bs.numel] = torch.cat(
+                [
+                    torch.zeros(size) if p is None else p.cpu()
+                    for p, (_, size) in zip(parts, bs.params)
+                ]
+            ).to(device)
+            if field == "error":
+                bs.worker.error = flat
+            elif field == "momentum":
+                bs.worker.momentum_buf = flat
+            else:
+                # Each rank holds the server error of the shards it owned: the sum is all of it.
+                if n > 1:
+                    dist.all_reduce(flat, group=self.process_group)
+                length = bs.padded // n
+                bs.server.error = flat[rank * length : (rank + 1) * length].clone()
+        bs.worker.last_lr, bs.server.last_lr = self._pending_lr
+        for pos, _ in bs.params:
+            self._pending.pop(pos, None)
+
+    def _world(self) -> tuple[int, int]:
+        if not dist.is_initialized():
+            return 1, 0
+        return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
+
+    def _bucket(self, bucket: dist.GradBucket, padded: int) -> _BucketState:
+        index, numel = bucket.index(), bucket.buffer().numel()
+        params = None
+        if self._positions is not None:
+            params = tuple((self._positions[id(p)], p.numel()) for p in bucket.parameters())
         bs = self.buckets.get(index)
-        if bs is None or bs.numel != numel:
-            # DDP re-forms its buckets once after the first iteration; state of the old
-            # layout cannot be mapped onto the new one.
-            if bs is not None:
-                self.bucket_resets += 1
-            bs = self._new_bucket(numel)
-            self.buckets[index] = bs
+        if bs is not None and (bs.numel, bs.padded, bs.params) == (numel, padded, params):
+            return bs
+        owned = {pos for b in self.buckets.values() if b.params for pos, _ in b.params}
+        if bs is not None or (params and owned & {pos for pos, _ in params}):
+            # DDP re-formed its buckets (it does once after the first iteration).
+            self.bucket_resets += 1
+            if params is not None:
+                self._pending_lr = self._last_lr()
+                self._pending.update(self._export_params())
+            self.buckets = {}
+        bs = _BucketState(
+            numel,
+            padded,
+            params,
+            ErrorFeedback(self.ef, self.momentum),
+            ErrorFeedback(self.server_ef, 0.0),
+        )
+        if params is not None and self._pending:
+            self._assemble(bs, bucket.buffer().device)
+        self.buckets[index] = bs
         return bs
 
     def _tick(self, phase: str, t0: float, device: torch.device) -> float:
@@ -290,9 +383,7 @@ def _two_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int,
         ]
     )
     state._tick("compress", t0, g.device)
-    # what a dense fp32 ring all-reduce of this bucket sends, split over the two phases
-    half = _ring_allreduce_bytes(4 * numel, n) // 2
-    state.stats.record("dense_equivalent", 0, 2 * half)
+    state.stats.record_baseline(_ring_allreduce_bytes(4 * numel, n))
     return out
 
 
@@ -307,16 +398,19 @@ def _one_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int,
     for chunk in _payload_chunks(allp, n):
         out += state.compressor.decompress(chunk, g.numel(), key)
     state._tick("compress", t0, g.device)
-    state.stats.record("dense_equivalent", 0, _ring_allreduce_bytes(4 * bs.numel, n))
+    state.stats.record_baseline(_ring_allreduce_bytes(4 * bs.numel, n))
     return out
 
 
 def _allreduce(
     state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int, it: int, bi: int
 ):
-    key = derive_key(state.seed, it, bi, 0)
+    # Same shards and keys as two-way, so shared-seed random-k picks the same indices in both.
+    keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
+    length = g.numel() // n
     t0 = time.perf_counter()
-    payload, _ = compress_shards(state.compressor, bs.worker, g, [key], state.current_lr())
+    payload, _ = compress_shards(state.compressor, bs.worker, g, keys, state.current_lr())
+    _zero_padding(bs.worker.error, bs.numel)
     t0 = state._tick("compress", t0, g.device)
     if n > 1 and payload.numel():
         values = payload.view(getattr(state.compressor, "wire_dtype", torch.float32))
@@ -324,9 +418,14 @@ def _allreduce(
         payload = values.view(torch.uint8)
         state.stats.record("all_reduce", _ring_allreduce_bytes(payload.numel(), n), 0)
     t0 = state._tick("communicate", t0, g.device)
-    out = state.compressor.decompress(payload, g.numel(), key)
+    out = torch.cat(
+        [
+            state.compressor.decompress(chunk, length, keys[j])
+            for j, chunk in enumerate(_payload_chunks(payload, n))
+        ]
+    )
     state._tick("compress", t0, g.device)
-    state.stats.record("dense_equivalent", 0, _ring_allreduce_bytes(4 * bs.numel, n))
+    state.stats.record_baseline(_ring_allreduce_bytes(4 * bs.numel, n))
     return out
 
 
@@ -369,9 +468,9 @@ def compression_hook(
     elif 4 * numel < state.min_compress_bytes:
         result = _dense(state, buffer, n, "dense_small")
     else:
-        bs = state._bucket(bi, numel)
-        shards = n if state.mode == "two_way" else 1
+        shards = 1 if state.mode == "one_way" else n
         padded = -(-numel // shards) * shards
+        bs = state._bucket(bucket, padded)
         g = torch.zeros(padded, dtype=torch.float32, device=buffer.device)
         g[:numel] = buffer
         g /= n  # pre-scale: the sum over ranks is then the mean
@@ -398,5 +497,6 @@ def register_compression(
     state = CompressionState(compressor, **kwargs)
     if optimizer is not None:
         state.attach_optimizer(optimizer)
+    state.bind(model)
     model.register_comm_hook(state, compression_hook)
     return state
