@@ -148,6 +148,16 @@ def save_backgrounds(path: str | Path, backgrounds: dict[str, tuple[np.ndarray, 
     np.savez_compressed(path, **arrays)
 
 
+def resize_backgrounds(
+    backgrounds: dict[str, tuple[np.ndarray, np.ndarray]], size: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Resample backgrounds to ``size``² (HU bilinear, organ masks nearest)."""
+    return {
+        n: (_resize(hu, size).astype(np.float32), _resize(organ.astype(np.float32), size) > 0.5)
+        for n, (hu, organ) in backgrounds.items()
+    }
+
+
 def load_backgrounds(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read backgrounds written by :func:`save_backgrounds`."""
     with np.load(path) as z:
@@ -191,6 +201,27 @@ class LesionDataset:
 
     def n_lesions(self) -> int:
         return int(sum(len(p) for p in self.points))
+
+    @classmethod
+    def concat(cls, parts: Sequence[LesionDataset]) -> LesionDataset:
+        """Join datasets (e.g. generated in parallel chunks) in order."""
+        if not parts:
+            raise ValueError("concat needs at least one dataset")
+
+        def join(attr: str) -> list:
+            return [x for p in parts for x in getattr(p, attr)]
+
+        masks = None if any(p.masks is None for p in parts) else join("masks")
+        return cls(
+            np.concatenate([p.images for p in parts]),
+            np.concatenate([p.spacing for p in parts]),
+            join("points"),
+            join("long_mm"),
+            join("short_mm"),
+            join("labelled"),
+            parts[0].split,
+            masks,
+        )
 
     def subset(self, idx: Sequence[int]) -> LesionDataset:
         idx = list(idx)

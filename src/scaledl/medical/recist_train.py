@@ -8,6 +8,7 @@ endpoint error and the long-axis angle error.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,13 +57,15 @@ def train_recist(
     amp: bool | None = None,
     images: torch.Tensor | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    time_limit_s: float | None = None,
     progress: bool = False,
 ) -> list[float]:
     """Train with AdamW and cosine decay on random batches (flips as augmentation).
 
     Only each image's *labelled* lesions are targets (missing-label simulation). Returns the
-    loss of every step. ``images`` may pass a pre-windowed ``(N, 1, H, W)`` tensor already on
-    the device (saves a copy per call).
+    loss of every step (fewer than ``steps`` when ``time_limit_s`` runs out first; the
+    learning-rate schedule still spans ``steps``). ``images`` may pass a pre-windowed
+    ``(N, 1, H, W)`` tensor already on the device (saves a copy per call).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
@@ -77,6 +80,7 @@ def train_recist(
         opt, max_lr=lr, total_steps=steps, pct_start=0.05, anneal_strategy="cos"
     )
     losses: list[float] = []
+    t0 = time.perf_counter()
     it: Any = range(steps)
     if progress:
         from scaledl.cli_utils import progress as bar
@@ -105,6 +109,8 @@ def train_recist(
         losses.append(float(parts["loss"].detach()))
         if on_step is not None:
             on_step(step, {k: float(v.detach()) for k, v in parts.items()})
+        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+            break
     return losses
 
 
