@@ -202,10 +202,10 @@ class TopKCompressor(Compressor):
     name = "topk"
 
     def __init__(self, ratio: float | int = 0.01) -> None:
-        self.ratio = _check_count_spec(ratio, "top-k ratio")
+        self.keep = _check_count_spec(ratio, "top-k ratio")
 
     def k(self, numel: int) -> int:
-        return _count(self.ratio, numel)
+        return _count(self.keep, numel)
 
     def payload_bytes(self, numel: int) -> int:
         return 8 * self.k(numel)
@@ -227,7 +227,7 @@ class TopKCompressor(Compressor):
         return out.scatter_(0, idx, vals)
 
     def __repr__(self) -> str:
-        return f"TopKCompressor(ratio={self.ratio!r})"
+        return f"TopKCompressor(ratio={self.keep!r})"
 
 
 # ------------------------------------------------------------------------------ random-k
@@ -245,13 +245,13 @@ class RandomKCompressor(Compressor):
     wire_dtype = torch.float32
 
     def __init__(self, ratio: float | int = 0.01, rescale: bool = False, seed: int = 0) -> None:
-        self.ratio = _check_count_spec(ratio, "random-k ratio")
+        self.keep = _check_count_spec(ratio, "random-k ratio")
         self.rescale = bool(rescale)
         self.seed = int(seed)
         self._gens = _GeneratorCache()
 
     def k(self, numel: int) -> int:
-        return _count(self.ratio, numel)
+        return _count(self.keep, numel)
 
     def payload_bytes(self, numel: int) -> int:
         return 4 * self.k(numel)
@@ -277,7 +277,7 @@ class RandomKCompressor(Compressor):
         return out.index_copy_(0, self.indices(numel, key, payload.device), vals)
 
     def __repr__(self) -> str:
-        return f"RandomKCompressor(ratio={self.ratio!r}, rescale={self.rescale})"
+        return f"RandomKCompressor(ratio={self.keep!r}, rescale={self.rescale})"
 
 
 # ----------------------------------------------------------------------------- dithering

@@ -16,7 +16,7 @@ from torch import nn
 
 from scaledl.comm.hooks import CompressionState, compression_hook
 
-__all__ = ["digits_mlp", "load_digits_split", "train_digits"]
+__all__ = ["digits_mlp", "load_digits_split", "train_digits", "train_digits_many"]
 
 
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -131,3 +131,8 @@ def train_digits(
     if state is not None:
         out["stats"] = state.summary()
     return out
+
+
+def train_digits_many(configs: list[dict[str, Any]], **common: Any) -> list[dict[str, Any]]:
+    """:func:`train_digits` for each config in turn, in one process group (saves start-ups)."""
+    return [train_digits(**{**common, **cfg}) for cfg in configs]
