@@ -12,7 +12,7 @@ CONFIGS = [
 ]
 
 
-def run_demo(steps: int = 150) -> DemoResult:
+def run_demo(steps: int = 200) -> DemoResult:
     """Train the digits MLP three ways and compare accuracy, bytes and replica agreement."""
     from scaledl.comm.digits import train_digits_many
     from scaledl.distributed import launch
