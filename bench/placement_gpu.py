@@ -1,0 +1,448 @@
+"""Baechi on 2 GPUs under memory caps: m-TOPO/m-ETF/m-SCT vs single, expert, sequential, pipeline.
+
+For each model (synthetic parallel branches, the 6+6 Transformer, an Inception-style CNN):
+
+1. profile every node's forward and backward on GPU 0 (CUDA events, median) and fit the
+   GPU0 -> GPU1 copy cost (latency + bytes / bandwidth) from a transfer sweep;
+2. set a per-device memory cap that forces a split (``--cap-fraction`` of the estimated
+   single-device training memory; the runtime cap adds ``--headroom-gib`` for the CUDA
+   allocator, via ``torch.cuda.set_per_process_memory_fraction``);
+3. place the training graph with m-TOPO, m-ETF and m-SCT, and build the baselines: single
+   device (uncapped reference), a hand-written expert split, a sequential memory fill like
+   Accelerate's ``device_map="auto"`` and an equal-size two-stage pipeline split;
+4. run each placement with ``PlacedModule`` (Adam, MSE loss; median step time over
+   ``--steps`` after warm-up) and compare with the simulator: |simulated - measured| / measured
+   for each contention model;
+5. place the same profiled graphs on simulated 4- and 8-device clusters.
+
+``--quick`` runs tiny models on CPU with two logical devices and roofline costs (< 2 min;
+validates the whole pipeline; its timings are not GPU figures and its fidelity column compares
+a roofline with a CPU that runs both logical devices on the same cores).
+Needs torch, numpy, scipy; ``PYTHONPATH=src``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import print_table, save_results
+
+from scaledl.placement import (
+    GIB,
+    Cluster,
+    InfeasiblePlacementError,
+    PlacedModule,
+    fit_comm_cost,
+    place_graph,
+    simulate,
+    trace,
+    transfer_sweep,
+)
+from scaledl.placement.bounds import group_units
+from scaledl.placement.models import (
+    ConvBNReLU,
+    GPT2Block,
+    InceptionNet,
+    MLPBlock,
+    ParallelBranches,
+    Seq2SeqTransformer,
+)
+
+ALGOS = ["m-topo", "m-etf", "m-sct"]
+
+
+# -- models and their expert splits ------------------------------------------------------------
+def _branches(quick: bool):
+    width, depth, batch = (64, 2, 16) if quick else (4096, 4, 1024)
+    model = ParallelBranches(branches=4, depth=depth, width=width)
+    inputs = (torch.randn(batch, width),)
+    # Expert: half of the branches on each GPU, the input layer on 0 and the output on 1.
+    return (
+        model,
+        inputs,
+        (MLPBlock,),
+        lambda path: 1 if path.startswith(("branches.2", "branches.3", "out")) else 0,
+    )
+
+
+def _transformer(quick: bool):
+    if quick:
+        model = Seq2SeqTransformer(vocab=500, d=32, heads=4, ff=64, layers=2)
+        batch, vocab = 4, 500
+    else:
+        model = Seq2SeqTransformer()
+        batch, vocab = 128, 30000
+    inputs = (torch.randint(0, vocab, (batch, 50)), torch.randint(0, vocab, (batch, 50)))
+    # Expert (spec §2.10): encoder on GPU 0, decoder and projection on GPU 1.
+    return (
+        model,
+        inputs,
+        (),
+        lambda path: 1 if path.startswith(("decoder", "tgt_emb", "proj")) else 0,
+    )
+
+
+def _inception(quick: bool):
+    if quick:
+        model, x = InceptionNet(blocks=2, width=4, classes=10), torch.randn(2, 3, 32, 32)
+    else:
+        model, x = InceptionNet(blocks=6, width=64, classes=1000), torch.randn(64, 3, 224, 224)
+    # Expert: the two deeper branches of every block on GPU 1, the rest on GPU 0.
+    return (
+        model,
+        (x,),
+        (ConvBNReLU,),
+        lambda path: 1 if (".b3" in path or ".b4" in path or path.startswith("head")) else 0,
+    )
+
+
+MODELS: dict[str, Callable[[bool], tuple]] = {
+    "branches": _branches,
+    "transformer": _transformer,
+    "inception": _inception,
+}
+_ = GPT2Block  # GPT-2 sizes are planned by the CLI; this benchmark executes smaller models.
+
+
+# -- placements as fx-node -> device maps --------------------------------------------------------
+def follow_inputs(gm: torch.fx.GraphModule, module_device: Callable[[str], int]) -> dict[str, int]:
+    """Modules by rule; functions follow their first input; inputs follow their first user."""
+    out: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        if n.op in ("call_module", "get_attr"):
+            out[n.name] = module_device(str(n.target))
+        elif n.op != "placeholder":
+            srcs = [a for a in n.all_input_nodes if a.op != "placeholder"]
+            out[n.name] = out[srcs[0].name] if srcs else 0
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            users = [u for u in n.users if u.name in out]
+            out[n.name] = out[users[0].name] if users else 0
+    return out
+
+
+def contiguous_split(
+    names: list[str], weights: list[int], cap: int | None, devices: int
+) -> list[int]:
+    """Sequential fill (cap given): fill device 0 to the cap, then 1, ...; else equal weight."""
+    out, d, used = [], 0, 0
+    total = sum(weights)
+    for w in weights:
+        if cap is not None:
+            if used + w > cap and used > 0 and d < devices - 1:
+                d, used = d + 1, 0
+        elif used >= total * (d + 1) / devices and d < devices - 1:
+            d += 1
+        used += w
+        out.append(d)
+    return out
+
+
+def graph_placement(graph, fx_map: dict[str, int]) -> list[int]:
+    """Device per training-graph node: forward, backward and optimizer follow the fx node."""
+    return [fx_map[name.split(":", 1)[1]] for name in graph.names]
+
+
+# -- measurement --------------------------------------------------------------------------------
+def measure_step(
+    model, placement, devices, inputs, steps: int, warmup: int, leaves=(), order=None
+) -> dict[str, Any]:
+    """Median training-step seconds of a placed model (Adam, MSE to zero) and peak memory."""
+    cuda = devices[0].type == "cuda"
+    try:
+        pm = PlacedModule(
+            copy.deepcopy(model), placement, devices, leaf_modules=leaves, order=order
+        )
+        opt = torch.optim.Adam(pm.parameters(), lr=1e-4)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            out = pm(*inputs)
+            out.float().square().mean().backward()
+            opt.step()
+
+        if cuda:
+            for d in {d for d in devices}:
+                torch.cuda.reset_peak_memory_stats(d)
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(steps):
+            _sync(devices)
+            t0 = time.perf_counter()
+            step()
+            _sync(devices)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        peak = (
+            [torch.cuda.max_memory_allocated(d) / GIB for d in sorted(set(devices), key=str)]
+            if cuda
+            else []
+        )
+        return {
+            "step_s": times[len(times) // 2],
+            "spread_s": (times[(3 * len(times)) // 4] - times[len(times) // 4]) / 2,
+            "peak_gib": peak,
+            "copies_per_forward": pm.copies,
+            "error": None,
+        }
+    except torch.cuda.OutOfMemoryError as exc:
+        return {"step_s": None, "error": f"OOM: {str(exc).splitlines()[0][:80]}"}
+    finally:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _sync(devices) -> None:
+    for d in set(devices):
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+def set_caps(devices, cap_bytes: float | None) -> None:
+    for d in set(devices):
+        if d.type == "cuda":
+            total = torch.cuda.get_device_properties(d).total_memory
+            frac = 1.0 if cap_bytes is None else min(1.0, cap_bytes / total)
+            torch.cuda.set_per_process_memory_fraction(frac, d)
+
+
+# -- main ---------------------------------------------------------------------------------------
+def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any]]:
+    torch.manual_seed(0)
+    model, inputs, leaves, expert_rule = MODELS[name](args.quick)
+    dev0 = devices[0]
+    model = model.to(dev0)
+    inputs = tuple(x.to(dev0) for x in inputs)
+    t0 = time.perf_counter()
+    # GPU: CUDA-event profile of every node. Quick CPU mode: the analytic roofline (fast, and
+    # immune to a busy host); its timings only validate the pipeline.
+    traced = trace(
+        model, inputs, leaf_modules=leaves, profile=not args.quick, repeats=args.profile_repeats
+    )
+    profile_s = time.perf_counter() - t0
+    graph = traced.op_graph()
+    model = model.cpu()
+    gc.collect()
+    if dev0.type == "cuda":
+        torch.cuda.empty_cache()
+    single_est = single_device_memory(graph, comm)
+    cap = forcing_cap(graph, single_est, 2, args.cap_fraction)
+    cluster = Cluster([cap, cap], comm, contention=args.contention)
+    gm = traced.module
+    fx_names = [n.name for n in gm.graph.nodes if n.op != "output"]
+    spec = {s.name: s for s in traced.specs}
+    candidates: dict[str, dict[str, Any]] = {}
+    for algo in ALGOS:
+        try:
+            plan = place_graph(graph, cluster, algo)
+            candidates[algo] = {
+                "fx": plan.fx_placement(),
+                "order": plan.fx_order(),
+                "placement_s": plan.seconds,
+            }
+        except InfeasiblePlacementError as exc:
+            candidates[algo] = {"error": str(exc)}
+    candidates["expert"] = {"fx": follow_inputs(gm, expert_rule)}
+    fwd_perm = [int(graph.permanent[graph.index[f"fwd:{n}"]]) for n in fx_names]
+    seq = contiguous_split(fx_names, fwd_perm, cap, 2)
+    candidates["sequential-fill"] = {"fx": dict(zip(fx_names, seq))}
+    param_w = [1 if spec[n].param_bytes else 0 for n in fx_names]
+    pipe = contiguous_split(fx_names, param_w, None, 2)
+    candidates["equal-pipeline"] = {"fx": dict(zip(fx_names, pipe))}
+    candidates["single (uncapped)"] = {"fx": dict.fromkeys(fx_names, 0), "uncapped": True}
+
+    rows, records = [], []
+    for label, cand in candidates.items():
+        rec: dict[str, Any] = {"model": name, "placement": label}
+        if "error" in cand:
+            rec["error"] = cand["error"]
+            rows.append([name, label, "-", "-", "-", "-", "-", cand["error"][:40]])
+            records.append(rec)
+            continue
+        gp = graph_placement(graph, cand["fx"])
+        sims = {c: simulate(graph, gp, cluster, contention=c) for c in ("shared", "link", "none")}
+        est_peak = max(sims["shared"].peak_memory)
+        set_caps(devices, None if cand.get("uncapped") else cap + args.headroom_gib * GIB)
+        placement: Any = cand["fx"]
+        meas = measure_step(
+            model, placement, devices, inputs, args.steps, args.warmup, leaves, cand.get("order")
+        )
+        set_caps(devices, None)
+        fid = {
+            c: (abs(s.makespan - meas["step_s"]) / meas["step_s"] if meas["step_s"] else None)
+            for c, s in sims.items()
+        }
+        rec.update(
+            devices_used=sorted(set(cand["fx"].values())),
+            placement_s=cand.get("placement_s"),
+            estimated_peak_gib=est_peak / GIB,
+            fits_cap=est_peak <= cap,
+            simulated_s={c: s.makespan for c, s in sims.items()},
+            fidelity=fid,
+            **meas,
+        )
+        records.append(rec)
+        rows.append(
+            [
+                name,
+                label,
+                len(rec["devices_used"]),
+                "yes" if rec["fits_cap"] else "no",
+                f"{meas['step_s'] * 1e3:.2f}" if meas["step_s"] else meas["error"],
+                f"{sims[args.contention].makespan * 1e3:.2f}",
+                f"{fid[args.contention]:.1%}" if fid[args.contention] is not None else "-",
+                f"{cand['placement_s']:.3f}" if cand.get("placement_s") is not None else "-",
+            ]
+        )
+    info = {
+        "model": name,
+        "profile_s": profile_s,
+        "graph_nodes": len(graph),
+        "cap_gib": cap / GIB,
+        "single_device_estimate_gib": single_est / GIB,
+        "records": records,
+        "simulated_clusters": simulated_clusters(graph, comm, single_est, args.contention),
+    }
+    return rows, info
+
+
+def single_device_memory(graph, comm) -> int:
+    """The placers' (no-free) memory estimate of the whole training step on one device."""
+    return simulate(
+        graph, [0] * len(graph), Cluster([10**15], comm), release_memory=False
+    ).peak_memory[0]
+
+
+def forcing_cap(graph, single_est: int, n: int, fraction: float) -> int:
+    """A per-device cap of ``fraction * 2 / n`` of the one-device need (2 devices: fraction),
+    raised to 1.3x the largest colocation unit so that every op still fits somewhere."""
+    largest = max(peak for _, _, peak in group_units(graph))
+    return int(max(fraction * 2 / n * single_est, 1.3 * largest))
+
+
+def simulated_clusters(graph, comm, single_est: int, contention: str) -> list[dict[str, Any]]:
+    """The same profiled graph on 4 and 8 simulated devices with caps that force a spread."""
+    out = []
+    for n in (4, 8):
+        cap = forcing_cap(graph, single_est, n, 0.75)
+        cluster = Cluster([cap] * n, comm, contention=contention)
+        for algo in ALGOS:
+            rec: dict[str, Any] = {"devices": n, "cap_gib": cap / GIB, "algorithm": algo}
+            try:
+                plan = place_graph(graph, cluster, algo)
+                s = plan.summary()
+                rec.update(
+                    step_s=s["simulated_step_time_s"],
+                    lower_bound_s=s["lower_bound_s"],
+                    ratio=s["makespan_over_lower_bound"],
+                    placement_s=plan.seconds,
+                    devices_used=sum(1 for c in s["nodes_per_device"] if c),
+                    lp_optimum_s=s.get("lp_optimum_s"),
+                )
+            except InfeasiblePlacementError as exc:
+                rec["error"] = str(exc)
+            out.append(rec)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small models on CPU, 2 logical devices")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20, quick 5)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5, quick 2)")
+    ap.add_argument("--cap-fraction", type=float, default=0.65, help="cap / single-device need")
+    ap.add_argument("--headroom-gib", type=float, default=2.0, help="runtime cap slack (GPU)")
+    ap.add_argument("--contention", choices=["shared", "link", "none"], default="shared")
+    ap.add_argument("--profile-repeats", type=int, default=5)
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/)")
+    args = ap.parse_args()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not args.quick and gpus < 2:
+        print("fewer than 2 GPUs: running --quick on CPU logical devices instead")
+        args.quick = True
+    args.steps = args.steps or (2 if args.quick else 20)
+    args.warmup = args.warmup or (1 if args.quick else 5)
+    if args.quick:
+        # One thread: both logical devices share the host cores anyway, and OpenMP barriers
+        # on a busy host cost more than the tiny ops themselves.
+        torch.set_num_threads(1)
+        devices = [torch.device("cpu"), torch.device("cpu")]
+        sweep = transfer_sweep("cpu", "cpu", max_log2_elements=18, repeats=5)
+    else:
+        devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+        sweep = transfer_sweep("cuda:0", "cuda:1", max_log2_elements=26, repeats=10)
+    comm = fit_comm_cost(sweep)
+    print(f"copy cost fit: {comm.latency_s * 1e6:.1f} us + bytes / {comm.bandwidth / 1e9:.2f} GB/s")
+    t0 = time.perf_counter()
+    all_rows, infos = [], []
+    for name in args.models:
+        rows, info = run_model(name, args, devices, comm)
+        all_rows += rows
+        infos.append(info)
+        print(
+            f"{name}: done in {time.perf_counter() - t0:.0f} s "
+            f"(profiling {info['profile_s']:.1f} s)"
+        )
+    print_table(
+        "Training step on 2 devices under a memory cap (measured vs simulated)",
+        [
+            "model",
+            "placement",
+            "devs",
+            "fits cap",
+            "measured ms",
+            "simulated ms",
+            "|sim-meas|/meas",
+            "place s",
+        ],
+        all_rows,
+    )
+    cluster_rows = [
+        [
+            info["model"],
+            r["devices"],
+            r["algorithm"],
+            f"{r['step_s'] * 1e3:.2f}" if "step_s" in r else r["error"][:50],
+            f"{r['ratio']:.2f}" if "ratio" in r else "-",
+            r.get("devices_used", "-"),
+            f"{r['placement_s']:.3f}" if "placement_s" in r else "-",
+        ]
+        for info in infos
+        for r in info["simulated_clusters"]
+    ]
+    print_table(
+        "Simulated 4- and 8-device clusters (same profiled graphs)",
+        ["model", "devices", "algorithm", "sim step ms", "step / LB", "devs used", "place s"],
+        cluster_rows,
+    )
+    path = save_results(
+        "placement_gpu",
+        {
+            "mode": "quick-cpu" if args.quick else "gpu",
+            "comm_fit": {"latency_s": comm.latency_s, "bandwidth_Bps": comm.bandwidth},
+            "args": {k: v for k, v in vars(args).items() if k != "out"},
+            "models": infos,
+            "total_s": time.perf_counter() - t0,
+        },
+        args.out,
+    )
+    print(f"\nwrote {path} in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
