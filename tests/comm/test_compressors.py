@@ -215,5 +215,5 @@ def test_cuda_matches_cpu_where_deterministic(comp: Compressor):
     payload = comp.compress(x.cuda(), key=5)
     assert payload.is_cuda and payload.numel() == comp.payload_bytes(x.numel())
     y = comp.decompress(payload, x.numel(), key=5).cpu()
-    if not isinstance(comp, DitheringCompressor):
+    if not isinstance(comp, (DitheringCompressor, RandomKCompressor)):  # device RNGs differ
         assert torch.allclose(y, comp.roundtrip(x, key=5), atol=1e-5, rtol=1e-5)

@@ -257,11 +257,13 @@ class RandomKCompressor(Compressor):
         return 4 * self.k(numel)
 
     def indices(self, numel: int, key: int, device: torch.device | str) -> torch.Tensor:
-        """The ``k`` distinct indices for ``key`` (identical on every rank and device kind)."""
-        # A CPU generator keeps the choice identical whatever device each rank computes on.
-        gen = self._gens(torch.device("cpu"), derive_key(self.seed, key))
-        idx = torch.randperm(numel, generator=gen)[: self.k(numel)]
-        return idx.to(device)
+        """The ``k`` distinct indices for ``key``, identical on every rank of one device kind.
+
+        They are drawn on ``device`` (a CUDA and a CPU rank would draw different ones).
+        """
+        device = torch.device(device)
+        gen = self._gens(device, derive_key(self.seed, key))
+        return torch.randperm(numel, generator=gen, device=device)[: self.k(numel)]
 
     def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
         x = _flat_fp32(x)
