@@ -29,7 +29,13 @@ from common import print_table, save_results
 
 from scaledl.optim.digits_task import RunSpec, load_digits_split, run_local
 
-SGD_LR = 0.2
+# Learning rates: one grid {0.02, 0.05, 0.1, 0.2, 0.3} (momentum 0.9 or 0) on this task.
+# CSER and local SGD drift apart at 0.2, so the SGD family runs at 0.1 and sync SGD is shown
+# at both; EF-SGD and QSparse with random blocks diverge with momentum 0.9 at >= 0.05, so they
+# run without momentum at their best grid point.
+SGD_LR = 0.1
+SYNC_SGD_LRS = (0.1, 0.2)
+EF_LR, QSPARSE_LR = 0.1, 0.3
 SGD_WARMUP = 20
 ADA_LR = 0.2
 ADA_WARMUP = 40
@@ -40,20 +46,23 @@ QSPARSE_PERIOD = 8
 
 def sgd_family(targets: list[int]) -> list[RunSpec]:
     w = SGD_WARMUP
-    specs = [RunSpec("sgd", SGD_LR, label="sync SGD", warmup_steps=w)]
+    specs = [RunSpec("sgd", lr, f"sync SGD lr={lr}", warmup_steps=w) for lr in SYNC_SGD_LRS]
     for target in targets:
         r1, r2, h = CSER_SETTINGS[target]
         specs += [
             RunSpec("cser-block", SGD_LR, f"CSER block {target}x", h, r1, r2, warmup_steps=w),
             RunSpec("cser", SGD_LR, f"CSER update {target}x", h, r1, r2, warmup_steps=w),
-            RunSpec("ef-sgd", SGD_LR, f"EF-SGD {target}x", ratio=target, warmup_steps=w),
+            RunSpec(
+                "ef-sgd", EF_LR, f"EF-SGD {target}x", ratio=target, warmup_steps=w, momentum=0.0
+            ),
             RunSpec(
                 "qsparse",
-                SGD_LR,
+                QSPARSE_LR,
                 f"QSparse H={QSPARSE_PERIOD} {target}x",
                 period=QSPARSE_PERIOD,
                 ratio=target / QSPARSE_PERIOD,
                 warmup_steps=w,
+                momentum=0.0,
             ),
             RunSpec("local-sgd", SGD_LR, f"local SGD H={target}", target, warmup_steps=w),
         ]
@@ -70,7 +79,7 @@ def ada_family(periods: list[int]) -> list[RunSpec]:
         RunSpec("local-adaalter", ADA_LR, f"Local AdaAlter H={h}", period=h, warmup_steps=w)
         for h in periods
     ]
-    specs.append(RunSpec("local-sgd", SGD_LR, "local SGD H=8 (ada group)", 8, warmup_steps=w))
+    specs.append(RunSpec("local-sgd", SGD_LR, "local SGD H=8 (ada group)", 8, warmup_steps=20))
     return specs
 
 
@@ -85,7 +94,8 @@ def main() -> int:
     world = args.world_size or (4 if args.quick else 8)
     steps = args.steps or (120 if args.quick else 400)
     if args.quick:
-        specs = sgd_family([32])[:4] + ada_family([8])[::2]
+        sgd = sgd_family([32])
+        specs = [sgd[0], sgd[2], sgd[3], sgd[6], *ada_family([8])[::2]]
     else:
         specs = sgd_family([32, 256, 1000]) + ada_family([4, 8, 16])
     print(f"{len(specs)} runs x {steps} steps on {world} gloo ranks (CPU)", file=sys.stderr)
@@ -101,7 +111,8 @@ def main() -> int:
     )
     total = time.perf_counter() - start
     by_name = {r["name"]: r for r in records}
-    sgd_acc = by_name["sync SGD"]["final_accuracy"]
+    # CSER's target is measured against the better of the synchronous SGD runs.
+    sgd_acc = max(r["final_accuracy"] for r in records if r["spec"]["optimizer"] == "sgd")
     rows = [
         [
             r["name"],
@@ -124,7 +135,7 @@ def main() -> int:
             "MB sent/rank",
             "train loss",
             "test acc %",
-            "Δacc vs sync SGD",
+            "Δacc vs best sync SGD",
             "wall s",
         ],
         rows,

@@ -4,6 +4,7 @@ tolerances the tests use."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -345,7 +346,7 @@ def check_resume(total: int = 8, cut: int = 4) -> dict[str, bool]:
         m1 = make_model()
         o1 = factory(m1)
         train(m1, o1, range(cut))
-        ckpt = {"model": m1.state_dict(), "opt": o1.state_dict()}
+        ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
         m2 = make_model(seed=99)  # a different start: everything must come from the checkpoint
         o2 = factory(m2)
         m2.load_state_dict(ckpt["model"])
