@@ -1,0 +1,185 @@
+"""ShapePriorNet: shapes and gradients of every variant, attention against hand computations."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from scaledl.medical.shape_prior import (
+    ATTENTIONS,
+    FUSIONS,
+    ShapePriorNet,
+    dense_attention,
+    max_attention,
+    prototype_attention,
+)
+
+TINY = (2, 4, 4, 8, 8)
+
+
+def _inputs(b: int = 2, k: int = 3, size: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 1, size, size, generator=g)
+    t = torch.randn(b, 1, size, size, generator=g)
+    lab = torch.randint(0, k + 1, (b, size, size), generator=g)
+    m = torch.nn.functional.one_hot(lab, k + 1)[..., 1:].permute(0, 3, 1, 2).float()
+    return x, t, m
+
+
+# every attention x fusion pair; the four encoder-sharing options rotate through them
+VARIANTS = [
+    (a, f, *[(False, False), (True, False), (False, True), (True, True)][i % 4])
+    for i, (a, f) in enumerate(itertools.product(ATTENTIONS, FUSIONS))
+]
+
+
+@pytest.mark.parametrize(("attention", "fusion", "share", "stream"), VARIANTS)
+def test_every_variant_has_right_shape_and_gradients(attention, fusion, share, stream):
+    net = ShapePriorNet(
+        3,
+        features=TINY,
+        attention=attention,
+        fusion=fusion,
+        share_weights=share,
+        mask_as_separate_stream=stream,
+    )
+    x, t, m = _inputs()
+    out = net(x, t, m)
+    assert out.shape == (2, 4, 32, 32)
+    out.square().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    # the template path is trained: its first stage gets a non-zero gradient
+    first = net.template_encoder.stages[0]
+    assert any(p.grad.abs().sum() > 0 for p in first.parameters())
+
+
+def test_prototype_attention_equals_hand_computed_cosine():
+    feat = torch.tensor([[[[1.0, 0.0], [2.0, -1.0]], [[0.0, 1.0], [1.0, 1.0]]]])  # (1,2,2,2)
+    tfeat = torch.tensor([[[[3.0, 1.0], [0.0, 2.0]], [[1.0, 1.0], [4.0, 0.0]]]])
+    mask = torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]])  # (1,1,2,2), soft at one pixel
+    # prototype = (1*(3,1) + 0.5*(1,1)) / 1.5 = (3.5, 1.5) / 1.5
+    p = (3.5 / 1.5, 1.5 / 1.5)
+    expected = torch.empty(1, 1, 2, 2)
+    for i, j in itertools.product(range(2), range(2)):
+        f = (feat[0, 0, i, j].item(), feat[0, 1, i, j].item())
+        dot = f[0] * p[0] + f[1] * p[1]
+        expected[0, 0, i, j] = dot / (math.hypot(*f) * math.hypot(*p))
+    got = prototype_attention(feat, tfeat, mask, eps=0.0)
+    torch.testing.assert_close(got, expected)
+
+
+def test_dense_attention_equals_hand_computed_softmax_transfer():
+    g = torch.Generator().manual_seed(1)
+    feat, tfeat = torch.randn(1, 3, 2, 2, generator=g), torch.randn(1, 3, 2, 2, generator=g)
+    mask = torch.tensor([[[[1.0, 0.0], [0.25, 0.0]], [[0.0, 1.0], [0.0, 0.0]]]])  # K=2
+    tau = 5.0
+    f = feat.reshape(3, 4).T
+    t = tfeat.reshape(3, 4).T
+    expected = torch.empty(1, 2, 2, 2)
+    for x in range(4):
+        sims = [torch.dot(f[x], t[y]) / (f[x].norm() * t[y].norm()) for y in range(4)]
+        w = torch.softmax(tau * torch.stack(sims), 0)
+        for k in range(2):
+            expected[0, k, x // 2, x % 2] = (w * mask[0, k].reshape(4)).sum()
+    torch.testing.assert_close(dense_attention(feat, tfeat, mask, tau), expected)
+    # max variant: the best cosine over template pixels inside the class mask
+    sims = [
+        [torch.dot(f[x], t[y]) / (f[x].norm() * t[y].norm()) for y in range(4)] for x in range(4)
+    ]
+    got = max_attention(feat, tfeat, mask)
+    for x in range(4):
+        assert got[0, 0, x // 2, x % 2].item() == pytest.approx(max(sims[x][0], sims[x][2]).item())
+        assert got[0, 1, x // 2, x % 2].item() == pytest.approx(sims[x][1].item())
+
+
+def test_max_attention_with_template_equal_to_target_is_one_inside_mask():
+    net = ShapePriorNet(
+        3, features=TINY, attention="max", share_weights=True, mask_as_separate_stream=True
+    ).eval()
+    x, _, m = _inputs(b=1)
+    with torch.no_grad():
+        feats = net.image_encoder(x)
+        tfeats = net.encode_template(x, m)
+        maps = net.attention_maps(feats, tfeats, m)
+    for s in (3, 4):  # the dense_scales=2 coarsest scales use max attention
+        assert net.scale_attention(s) == "max"
+        inside = torch.nn.functional.adaptive_avg_pool2d(m, maps[s].shape[-2:]) > 0
+        torch.testing.assert_close(maps[s][inside], torch.ones(int(inside.sum())))
+
+
+def test_share_weights_shares_encoder_stages():
+    shared = ShapePriorNet(3, features=TINY, share_weights=True)
+    separate = ShapePriorNet(3, features=TINY)
+    assert shared.template_encoder.stages[1] is shared.image_encoder.stages[1]
+    assert shared.template_encoder.stages[0] is not shared.image_encoder.stages[0]
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_sep = sum(p.numel() for p in separate.parameters())
+    stage_params = sum(
+        p.numel() for s in list(separate.image_encoder.stages)[1:] for p in s.parameters()
+    )
+    assert n_sep - n_shared == stage_params
+    full = ShapePriorNet(3, features=TINY, share_weights=True, mask_as_separate_stream=True)
+    assert full.template_encoder.stages[0] is full.image_encoder.stages[0]
+
+
+def test_concat_fusion_starts_as_identity_on_image_features():
+    net = ShapePriorNet(3, features=TINY, fusion="concat")
+    feat = torch.randn(2, 2, 8, 8)
+    torch.testing.assert_close(net.fusions[0](feat, torch.zeros(2, 3, 8, 8)), feat)
+
+
+def test_gate_fusion_formula():
+    net = ShapePriorNet(2, features=TINY, fusion="gate")
+    fusion = net.fusions[0]
+    with torch.no_grad():
+        fusion.gate_weight.copy_(torch.tensor([2.0, -1.0]))
+    feat, attn = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    gate = torch.sigmoid(2.0 * attn[:, :1]) + torch.sigmoid(-1.0 * attn[:, 1:])
+    torch.testing.assert_close(fusion(feat, attn), feat * (1 + gate))
+
+
+def test_predict_proba_averages_templates():
+    net = ShapePriorNet(3, features=TINY, attention="dense").eval()
+    x, t, m = _inputs()
+    x2, t2, m2 = _inputs(seed=5)
+    with torch.no_grad():
+        p1 = torch.softmax(net(x, t, m), 1)
+        p2 = torch.softmax(net(x, t2, m2), 1)
+        avg = net.predict_proba(x, torch.stack([t, t2], 1), torch.stack([m, m2], 1))
+    torch.testing.assert_close(avg, (p1 + p2) / 2)
+    assert x2.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"attention": "cosine"}, "attention"),
+        ({"fusion": "add"}, "fusion"),
+        ({"features": (2, 4, 8)}, "features"),
+        ({"dense_scales": 6}, "dense_scales"),
+        ({"tau": 0.0}, "tau"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ShapePriorNet(3, **kwargs)
+
+
+def test_wrong_mask_channels_raise():
+    net = ShapePriorNet(3, features=TINY)
+    x, t, m = _inputs()
+    with pytest.raises(ValueError, match="template_masks must have 3 channels"):
+        net(x, t, m[:, :2])
+
+
+def test_tau_only_for_dense_attention():
+    assert ShapePriorNet(3, features=TINY, attention="dense", tau=4.0).tau.item() == pytest.approx(
+        4.0
+    )
+    with pytest.raises(ValueError, match="tau is defined only"):
+        _ = ShapePriorNet(3, features=TINY).tau
