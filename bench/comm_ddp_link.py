@@ -1,0 +1,477 @@
+"""End-to-end DDP on 2 ranks over a (shaped) socket link: fp32, fp16, PowerSGD vs our compressors.
+
+Two ranks train a communication-heavy MLP (about 109M parameters: 1024 -> 6 x 4096 -> 1000,
+a VGG-16-sized gradient) on a synthetic teacher-labelled task. NCCL is forced onto TCP sockets
+over the loopback interface (NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1
+NCCL_SOCKET_IFNAME=lo) and, with ``tc``, ``lo`` is limited to each rate in ``--rates`` by
+``tc qdisc replace dev lo root tbf rate R burst 4mb latency 100ms mtu 100000`` (removed at the
+end). Both ranks share the shaped ``lo``, so the emulated network is one shared link of rate R
+(not one NIC per rank). Without ``tc`` (or without the right to use it) everything runs
+unshaped and the results say so.
+
+Side by side in one run: no communication (compute only), DDP fp32, torch's fp16 hook,
+torch's PowerSGD hook (ranks 1 and 4), and scaledl's hook with each compressor. Reported per
+configuration and rate: step time and throughput, steps and time to a target loss (the loss
+fp32 DDP reaches at the end of the loss-curve run), bytes per rank and step (algorithmic, and
+measured from the ``lo`` byte counters in /proc/net/dev).
+
+The loss curves do not depend on the link, so they are recorded once (unshaped, ``--curve-steps``
+steps); each shaped rate then times ``--steps`` steps (at most ``--max-config-seconds`` per
+configuration). Time to target = dense warm-up steps at fp32 DDP's step time + the remaining
+steps at the configuration's step time.
+
+    PYTHONPATH=src python bench/comm_ddp_link.py                       # 2 GPUs, NCCL
+    PYTHONPATH=src python bench/comm_ddp_link.py --rates 1gbit,10gbit,25gbit --tc /sbin/tc
+    PYTHONPATH=src python bench/comm_ddp_link.py --quick               # CPU, gloo, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import print_table, save_results
+
+from scaledl.distributed import launch
+
+NCCL_SOCKET_ENV = {
+    "NCCL_P2P_DISABLE": "1",
+    "NCCL_SHM_DISABLE": "1",
+    "NCCL_IB_DISABLE": "1",
+    "NCCL_SOCKET_IFNAME": "lo",
+}
+
+#: (label, kind, options). kind: noop | ddp | fp16_hook | powersgd | ours
+CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("compute only (no comm)", "noop", {}),
+    ("DDP fp32", "ddp", {}),
+    ("torch fp16 hook", "fp16_hook", {}),
+    ("torch PowerSGD r1", "powersgd", {"rank": 1}),
+    ("torch PowerSGD r4", "powersgd", {"rank": 4}),
+    ("ours onebit two-way", "ours", {"compressor": "onebit"}),
+    (
+        "ours topk 0.1% two-way",
+        "ours",
+        {"compressor": "topk", "compressor_kwargs": {"ratio": 0.001}},
+    ),
+    ("ours topk 1% two-way", "ours", {"compressor": "topk", "compressor_kwargs": {"ratio": 0.01}}),
+    (
+        "ours randomk 1% all-reduce",
+        "ours",
+        {"compressor": "randomk", "compressor_kwargs": {"ratio": 0.01}, "mode": "allreduce"},
+    ),
+    (
+        "ours dithering s=127 two-way",
+        "ours",
+        {"compressor": "dithering", "compressor_kwargs": {"levels": 127}},
+    ),
+    ("ours fp16 all-reduce", "ours", {"compressor": "fp16", "mode": "allreduce"}),
+]
+WARMUP = 3  # steps 0-1 are dense for PowerSGD and ours (DDP re-forms buckets after step 0)
+START_ITER = 2
+
+
+def lo_tx_bytes() -> int | None:
+    """Bytes transmitted on ``lo`` so far (None where /proc/net/dev is not readable)."""
+    try:
+        with open("/proc/net/dev") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name.strip() == "lo":
+                    return int(rest.split()[8])
+    except OSError:
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------ rank side
+def _noop_hook(state, bucket):  # no annotations: DDP checks them at runtime
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def _model(width: int, depth: int, d_in: int, classes: int) -> torch.nn.Module:
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+def _powersgd_bytes(model: torch.nn.Module, rank: int, n: int) -> int:
+    """Per-rank ring bytes of PowerSGD per step (P and Q all-reduces; small tensors dense)."""
+    total = 0
+    for p in model.parameters():
+        if p.dim() >= 2:
+            rows, cols = p.shape[0], p.numel() // p.shape[0]
+            r = min(rank, rows, cols)
+            if (rows + cols) * r * 2 < rows * cols:  # min_compression_rate = 2
+                total += 4 * r * (rows + cols)
+                continue
+        total += 4 * p.numel()
+    return 2 * (n - 1) * total // n
+
+
+def _register(ddp: Any, kind: str, opts: dict[str, Any]) -> Any:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+    from scaledl.comm import CompressionState, compression_hook
+
+    if kind == "noop":
+        ddp.register_comm_hook(None, _noop_hook)
+    elif kind == "fp16_hook":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif kind == "powersgd":
+        state = powersgd.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=opts["rank"],
+            start_powerSGD_iter=START_ITER,
+            min_compression_rate=2,
+            use_error_feedback=True,
+            warm_start=True,
+        )
+        ddp.register_comm_hook(state, powersgd.powerSGD_hook)
+    elif kind == "ours":
+        state = CompressionState(**opts, start_iter=START_ITER)
+        state.bind(ddp)
+        ddp.register_comm_hook(state, compression_hook)
+        return state
+    return None
+
+
+def _run_config(
+    kind: str,
+    opts: dict[str, Any],
+    shape: dict[str, int],
+    lr: float,
+    steps: int,
+    max_seconds: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    model = _model(shape["width"], shape["depth"], shape["d_in"], shape["classes"]).to(device)
+    ddp = DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+    )
+    state = _register(ddp, kind, opts)
+    opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    # a fixed teacher labels the inputs; each rank draws its own batches
+    teacher = torch.randn(
+        shape["d_in"], shape["classes"], generator=torch.Generator().manual_seed(123)
+    ).to(device)
+    gen = torch.Generator().manual_seed(1 + rank)
+    xs = [torch.randn(shape["batch"], shape["d_in"], generator=gen).to(device) for _ in range(8)]
+    batches = [(x, (x @ teacher).argmax(1)) for x in xs]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    losses, times = [], []
+    tx_before = tx_after = None
+    timed_start = None
+    for step in range(WARMUP + steps):
+        if step == WARMUP:
+            dist.barrier()
+            tx_before = lo_tx_bytes()
+            timed_start = time.perf_counter()
+        t0 = time.perf_counter()
+        x, y = batches[step % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(ddp(x), y)
+        loss.backward()
+        opt.step()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        losses.append(float(mean_loss) / n)  # also synchronises the device
+        times.append(time.perf_counter() - t0)
+        if timed_start is not None and step >= WARMUP + 2:
+            # all ranks stop together: rank 0's clock decides
+            flag = torch.tensor(
+                [float(time.perf_counter() - timed_start > max_seconds)], device=device
+            )
+            dist.broadcast(flag, 0)
+            if flag.item():
+                break
+    dist.barrier()
+    tx_after = lo_tx_bytes()
+    timed = times[WARMUP:]
+    params = sum(p.numel() for p in model.parameters())
+    if kind == "ours":
+        hist = state.stats.history[WARMUP:]
+        algo = sum(hist) / len(hist)
+    elif kind == "ddp":
+        algo = 2 * (n - 1) * 4 * params // n
+    elif kind == "fp16_hook":
+        algo = 2 * (n - 1) * 2 * params // n
+    elif kind == "powersgd":
+        algo = _powersgd_bytes(model, opts["rank"], n)
+    else:
+        algo = 0
+    measured = None
+    if tx_before is not None and tx_after is not None:
+        measured = (tx_after - tx_before) / len(timed) / n
+    out = {
+        "params": params,
+        "losses": losses,
+        "step_times_s": times,
+        "median_step_s": sorted(timed)[len(timed) // 2],
+        "timed_steps": len(timed),
+        "algorithmic_bytes_per_rank_step": algo,
+        "measured_lo_bytes_per_rank_step": measured,
+    }
+    del ddp, opt, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _rank_job(
+    configs: list[tuple[str, str, dict[str, Any]]],
+    shape: dict[str, int],
+    lr: float,
+    steps: int,
+    max_seconds: float,
+) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return {
+        label: _run_config(kind, opts, shape, lr, steps, max_seconds, device)
+        for label, kind, opts in configs
+    }
+
+
+# ---------------------------------------------------------------------------- host side
+class LinkShaper:
+    """Apply and remove a tbf qdisc on ``lo`` (no-op with a reason when impossible)."""
+
+    def __init__(self, tc: str | None) -> None:
+        self.tc = tc or shutil.which("tc")
+        self.reason = None if self.tc else "tc not found"
+        self.active = False
+
+    def set(self, rate: str) -> bool:
+        if self.tc is None:
+            return False
+        cmd = [self.tc, "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate]
+        cmd += ["burst", "4mb", "latency", "100ms", "mtu", "100000"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            self.reason = f"tc failed: {proc.stderr.strip() or proc.returncode}"
+            self.tc = None
+            return False
+        self.active = True
+        return True
+
+    def clear(self) -> None:
+        if self.active and self.tc:
+            subprocess.run([self.tc, "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+        self.active = False
+
+
+def _steps_to_target(losses: list[float], target: float, window: int = 5) -> int | None:
+    for i in range(window, len(losses) + 1):
+        if sum(losses[i - window : i]) / window <= target:
+            return i
+    return None
+
+
+def _transport_check(log_dir: str) -> str:
+    text = ""
+    for path in glob.glob(os.path.join(log_dir, "nccl.*")):
+        with open(path, errors="replace") as f:
+            text += f.read()
+    if not text:
+        return "no NCCL log (gloo or NCCL_DEBUG_FILE unsupported)"
+    if "NET/Socket" in text:
+        return "NET/Socket (checked in the NCCL_DEBUG=INFO log)"
+    return "NET/Socket NOT found in the NCCL log"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CPU, gloo, tiny model, unshaped")
+    ap.add_argument("--rates", default=None, help="e.g. 1gbit,10gbit,25gbit (needs tc and root)")
+    ap.add_argument("--tc", default=None, help="path of the tc binary (default: from PATH)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per shaped run (20)")
+    ap.add_argument("--curve-steps", type=int, default=None, help="loss-curve steps (40)")
+    ap.add_argument("--max-config-seconds", type=float, default=None, help="cap per config (15)")
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--only", default=None, help="comma-separated substrings of config labels")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    use_gpu = not args.quick and torch.cuda.device_count() >= 2
+    backend = "nccl" if use_gpu else "gloo"
+    if not args.quick and not use_gpu:
+        print("fewer than 2 CUDA GPUs: running on CPU with gloo", file=sys.stderr)
+    shape = {
+        "width": args.width or (4096 if not args.quick else 256),
+        "depth": args.depth or (6 if not args.quick else 2),
+        "d_in": 1024 if not args.quick else 64,
+        "classes": 1000 if not args.quick else 10,
+        "batch": args.batch or (64 if not args.quick else 32),
+    }
+    steps = args.steps or (20 if not args.quick else 4)
+    curve_steps = args.curve_steps or (40 if not args.quick else 12)
+    max_s = args.max_config_seconds or (15.0 if not args.quick else 5.0)
+    configs = [
+        c for c in CONFIGS if args.only is None or any(s in c[0] for s in args.only.split(","))
+    ]
+    if not any(c[1] == "ddp" for c in configs):
+        configs.insert(0, next(c for c in CONFIGS if c[1] == "ddp"))  # the reference
+
+    log_dir = tempfile.mkdtemp(prefix="nccl-log-")
+    env = dict(NCCL_SOCKET_ENV)
+    env.update(
+        NCCL_DEBUG="INFO",
+        NCCL_DEBUG_SUBSYS="INIT,NET",
+        NCCL_DEBUG_FILE=os.path.join(log_dir, "nccl.%h.%p"),
+    )
+    shaper = LinkShaper(args.tc)
+    rates = [
+        r for r in (args.rates or ("" if args.quick else "1gbit,10gbit,25gbit")).split(",") if r
+    ]
+
+    def run(steps_: int, max_s_: float) -> dict[str, Any]:
+        return launch(
+            _rank_job,
+            2,
+            configs,
+            shape,
+            args.lr,
+            steps_,
+            max_s_,
+            backend=backend,
+            env=env,
+            timeout_s=900,
+        )[0]
+
+    results: dict[str, dict[str, Any]] = {}
+    t_start = time.perf_counter()
+    try:
+        shaper.clear()
+        results["unshaped"] = run(curve_steps, float("inf"))
+        for rate in rates:
+            if not shaper.set(rate):
+                break
+            results[rate] = run(steps, max_s)
+    finally:
+        shaper.clear()
+    if rates and shaper.reason:
+        print(
+            f"link shaping unavailable ({shaper.reason}): results are unshaped only",
+            file=sys.stderr,
+        )
+
+    curve = results["unshaped"]
+    ref = curve["DDP fp32"]["losses"]
+    target = sum(ref[-5:]) / 5
+    rows, records = [], []
+    for link, res in results.items():
+        dense_step = res["DDP fp32"]["median_step_s"]
+        for label, _, _ in configs:
+            r = res[label]
+            to_target = _steps_to_target(curve[label]["losses"], target)
+            ttt = None
+            if to_target is not None:
+                dense = min(START_ITER, to_target)
+                ttt = dense * dense_step + (to_target - dense) * r["median_step_s"]
+            rec = {
+                "link": link,
+                "config": label,
+                "median_step_s": r["median_step_s"],
+                "steps_per_s": 1.0 / r["median_step_s"],
+                "speedup_vs_ddp_fp32": dense_step / r["median_step_s"],
+                "timed_steps": r["timed_steps"],
+                "final_loss": sum(curve[label]["losses"][-5:]) / 5,
+                "steps_to_target": to_target,
+                "time_to_target_s": ttt,
+                "algorithmic_bytes_per_rank_step": r["algorithmic_bytes_per_rank_step"],
+                "measured_lo_bytes_per_rank_step": r["measured_lo_bytes_per_rank_step"],
+                "step_times_s": r["step_times_s"],
+                "losses": r["losses"] if link == "unshaped" else None,
+            }
+            records.append(rec)
+            rows.append(
+                [
+                    link,
+                    label,
+                    rec["median_step_s"] * 1e3,
+                    rec["speedup_vs_ddp_fp32"],
+                    rec["final_loss"],
+                    to_target,
+                    ttt,
+                    rec["algorithmic_bytes_per_rank_step"] / 1e6,
+                    None
+                    if rec["measured_lo_bytes_per_rank_step"] is None
+                    else rec["measured_lo_bytes_per_rank_step"] / 1e6,
+                ]
+            )
+    params = curve["DDP fp32"]["params"]
+    device = torch.cuda.get_device_name(0) if use_gpu else "CPU"
+    transport = _transport_check(log_dir) if use_gpu else "gloo over loopback TCP"
+    print_table(
+        f"2-rank DDP, {params / 1e6:.1f}M-parameter MLP on {device} ({backend}; {transport}); "
+        f"target loss {target:.4f} (fp32 DDP after {curve_steps} steps)",
+        [
+            "link",
+            "config",
+            "step ms",
+            "vs fp32",
+            "final loss",
+            "steps->tgt",
+            "s->tgt",
+            "algo MB/rank",
+            "lo MB/rank",
+        ],
+        rows,
+    )
+    path = save_results(
+        "comm_ddp_link",
+        {
+            "quick": args.quick,
+            "backend": backend,
+            "device": device,
+            "transport": transport,
+            "nccl_env": NCCL_SOCKET_ENV,
+            "shaping": "tc tbf on lo (one shared link)"
+            if rates and not shaper.reason
+            else f"unshaped ({shaper.reason or 'no rates requested'})",
+            "shape": shape,
+            "params": params,
+            "target_loss": target,
+            "curve_steps": curve_steps,
+            "wall_s": time.perf_counter() - t_start,
+            "results": records,
+        },
+        args.out,
+    )
+    print(f"\nwrote {path} in {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
