@@ -162,6 +162,7 @@ def _run_config(
     steps: int,
     max_seconds: float,
     device: torch.device,
+    shape_cmds: tuple[list[str], list[str]] | None = None,
 ) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -188,6 +189,10 @@ def _run_config(
     timed_start = None
     for step in range(WARMUP + steps):
         if step == WARMUP:
+            # Warm-up (and DDP's start-up broadcast) ran on the fast link; shape it now.
+            dist.barrier()
+            if shape_cmds is not None and rank == 0:
+                subprocess.run(shape_cmds[0], check=True, capture_output=True)
             dist.barrier()
             tx_before = lo_tx_bytes()
             timed_start = time.perf_counter()
@@ -211,6 +216,9 @@ def _run_config(
                 break
     dist.barrier()
     tx_after = lo_tx_bytes()
+    if shape_cmds is not None and rank == 0:
+        subprocess.run(shape_cmds[1], capture_output=True)
+    dist.barrier()
     timed = times[WARMUP:]
     params = sum(p.numel() for p in model.parameters())
     if kind == "ours":
@@ -248,6 +256,7 @@ def _rank_job(
     lr: float,
     steps: int,
     max_seconds: float,
+    shape_cmds: tuple[list[str], list[str]] | None = None,
 ) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -256,37 +265,41 @@ def _rank_job(
     else:
         device = torch.device("cpu")
     return {
-        label: _run_config(kind, opts, shape, lr, steps, max_seconds, device)
+        label: _run_config(kind, opts, shape, lr, steps, max_seconds, device, shape_cmds)
         for label, kind, opts in configs
     }
 
 
 # ---------------------------------------------------------------------------- host side
 class LinkShaper:
-    """Apply and remove a tbf qdisc on ``lo`` (no-op with a reason when impossible)."""
+    """The tc commands that shape and unshape ``lo``; checks once that they work."""
 
     def __init__(self, tc: str | None) -> None:
         self.tc = tc or shutil.which("tc")
         self.reason = None if self.tc else "tc not found"
-        self.active = False
 
-    def set(self, rate: str) -> bool:
+    def commands(self, rate: str) -> tuple[list[str], list[str]]:
+        assert self.tc is not None
+        shape = [self.tc, "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate]
+        shape += ["burst", "4mb", "latency", "100ms", "mtu", "100000"]
+        return shape, [self.tc, "qdisc", "del", "dev", "lo", "root"]
+
+    def usable(self, rate: str) -> bool:
+        """Apply and remove the qdisc once (needs root); records why not."""
         if self.tc is None:
             return False
-        cmd = [self.tc, "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate]
-        cmd += ["burst", "4mb", "latency", "100ms", "mtu", "100000"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        on, off = self.commands(rate)
+        proc = subprocess.run(on, capture_output=True, text=True)
         if proc.returncode != 0:
             self.reason = f"tc failed: {proc.stderr.strip() or proc.returncode}"
             self.tc = None
             return False
-        self.active = True
+        subprocess.run(off, capture_output=True)
         return True
 
     def clear(self) -> None:
-        if self.active and self.tc:
-            subprocess.run([self.tc, "qdisc", "del", "dev", "lo", "root"], capture_output=True)
-        self.active = False
+        if self.tc:
+            subprocess.run(self.commands("1gbit")[1], capture_output=True)
 
 
 def _steps_to_target(losses: list[float], target: float, window: int = 5) -> int | None:
@@ -356,7 +369,7 @@ def main() -> None:
         r for r in (args.rates or ("" if args.quick else "1gbit,10gbit,25gbit")).split(",") if r
     ]
 
-    def run(steps_: int, max_s_: float) -> dict[str, Any]:
+    def run(steps_: int, max_s_: float, cmds: Any = None) -> dict[str, Any]:
         return launch(
             _rank_job,
             2,
@@ -365,6 +378,7 @@ def main() -> None:
             args.lr,
             steps_,
             max_s_,
+            cmds,
             backend=backend,
             env=env,
             timeout_s=900,
@@ -376,9 +390,9 @@ def main() -> None:
         shaper.clear()
         results["unshaped"] = run(curve_steps, float("inf"))
         for rate in rates:
-            if not shaper.set(rate):
+            if not shaper.usable(rate):
                 break
-            results[rate] = run(steps, max_s)
+            results[rate] = run(steps, max_s, shaper.commands(rate))
     finally:
         shaper.clear()
     if rates and shaper.reason:
