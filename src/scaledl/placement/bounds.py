@@ -18,16 +18,33 @@ class InfeasiblePlacementError(ValueError):
         self.min_devices = min_devices
 
 
-def group_units(graph: OpGraph) -> list[tuple[list[int], int, int]]:
-    """Placement units: each colocation group or lone node as ``(members, permanent, peak)``.
+def group_inbound(graph: OpGraph, members: list[int]) -> int:
+    """Bytes of the distinct tensors that enter a group from outside it (an upper bound of what
+    the group may have to receive)."""
+    inside = set(members)
+    tensors: dict[int, int] = {}
+    for v in members:
+        for u in graph.pred[v]:
+            if u not in inside:
+                tensors.update(graph.edge_tensors[(u, v)])
+    return sum(tensors.values())
 
-    A group's peak is its summed permanent bytes plus its largest temporary (spec §2.3).
-    """
+
+def group_reservation(graph: OpGraph, members: list[int]) -> int:
+    """Memory a colocation group reserves when placed (the spec's ``reserve_memory`` variant,
+    plus its inputs): summed permanent, largest temporary and every tensor it may receive. Its
+    later members then always fit, so a placed group never strands an op."""
+    perm, temp = graph.permanent, graph.temporary
+    return int(perm[members].sum() + temp[members].max()) + group_inbound(graph, members)
+
+
+def group_units(graph: OpGraph) -> list[tuple[list[int], int, int]]:
+    """Placement units: each colocation group or lone node as ``(members, permanent, peak)``;
+    a group's peak is its :func:`group_reservation`."""
     units = []
     perm, temp = graph.permanent, graph.temporary
     for members in graph.groups().values():
-        p = int(perm[members].sum())
-        units.append((members, p, p + int(temp[members].max())))
+        units.append((members, int(perm[members].sum()), group_reservation(graph, members)))
     for i, g in enumerate(graph.group):
         if g is None:
             units.append(([i], int(perm[i]), int(perm[i] + temp[i])))

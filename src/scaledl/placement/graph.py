@@ -324,12 +324,15 @@ def training_graph(
     for s in bwd:
         b = g.index[f"bwd:{s.name}"]
         f = g.index[f"fwd:{s.name}"]
-        # The backward needs this op's own output (e.g. for ReLU/softmax) and its saved inputs;
-        # those are the same tensors the forward consumers receive, so a device caches them once.
-        g.add_edge(f, b, [(f, s.out_bytes)])
+        # An op that saved activations needs its own output (e.g. ReLU/softmax) or its inputs
+        # back; those are the tensors the forward consumers receive, so a device caches them once.
+        # (Which of them it saved is not recorded: both are charged, a conservative choice.)
+        if s.saved_bytes:
+            g.add_edge(f, b, [(f, s.out_bytes)])
         for p in s.inputs:
             u = g.index[f"fwd:{p}"]
-            g.add_edge(u, b, [(u, s.input_bytes.get(p, by_name[p].out_bytes))])
+            if s.saved_bytes:
+                g.add_edge(u, b, [(u, s.input_bytes.get(p, by_name[p].out_bytes))])
             if p in has_bwd:
                 grad = (g.new_tensor(), s.input_bytes.get(p, by_name[p].out_bytes))
                 g.add_edge(b, g.index[f"bwd:{p}"], [grad])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scaledl.placement.bounds import infeasible
+from scaledl.placement.bounds import group_reservation, infeasible
 from scaledl.placement.cost_model import Cluster
 from scaledl.placement.graph import OpGraph
 
@@ -62,9 +62,9 @@ class ListScheduler:
     ``pinned[i] >= 0`` fixes node i's device (the simulator pins every node). With
     ``enforce_memory`` an op is only started where it fits (spec §2.6, PyTorch rule):
     ``used + inbound + peak(o) <= limit`` and ``peak(d) + inbound + params(o) <= limit``;
-    a colocation group reserves its summed permanent bytes when its first op is placed, and the
-    whole group is then pinned to that device. ``release_memory`` frees each node's
-    ``release`` bytes after it runs (training replay in the simulator).
+    a colocation group is placed whole when its first op is: it reserves
+    :func:`~scaledl.placement.bounds.group_reservation` bytes and is pinned to that device.
+    ``release_memory`` frees each node's ``release`` bytes after it runs (training replay).
     """
 
     algorithm = "list scheduling"
@@ -103,11 +103,11 @@ class ListScheduler:
         self.et = graph.edge_tensors
         # Groups: key -> (summed permanent, max temporary, summed params).
         self.gkey: list[str | None] = list(graph.group)
-        self.ginfo: dict[str, tuple[int, int, int]] = {}
+        # Group key -> (reservation, summed params); see bounds.group_reservation.
+        self.ginfo: dict[str, tuple[int, int]] = {}
         for key, members in graph.groups().items():
             self.ginfo[key] = (
-                sum(self.perm[i] for i in members),
-                max(self.temp[i] for i in members),
+                group_reservation(graph, members),
                 sum(self.params[i] for i in members),
             )
         self.gdev: dict[str, int] = {}
@@ -133,6 +133,7 @@ class ListScheduler:
         self.transfers: list[Transfer] = []
         self.commit_order: list[int] = []
         self.rem = [len(p) for p in self.pred]
+        self._inputs: dict[int, list] = {}
         self.due: list[list] = [[] for _ in range(self.m)]
         self.pend: list[list] = [[] for _ in range(self.m)]
         self.rejected: dict[int, set[int]] = {}
@@ -154,21 +155,25 @@ class ListScheduler:
         k = self.gkey[o]
         return k is None or self.gdev.get(k, d) == d
 
-    def _mem_need(self, o: int) -> tuple[int, int, int]:
-        """(permanent to reserve, peak needed, params) for starting o."""
+    def _mem_need(self, o: int, inbound: int) -> tuple[int, int, int, int]:
+        """(bytes to hold, peak needed, params, inbound charged) for starting o.
+
+        A lone op holds its permanent bytes and what it receives; the first op of a group holds
+        the group's reservation (which covers every later member and every input it receives).
+        """
         k = self.gkey[o]
         if k is None:
             p = self.perm[o]
-            return p, p + self.temp[o], self.params[o]
+            return p, p + self.temp[o], self.params[o], inbound
         if k in self.gdev:
-            return 0, self.temp[o], 0
-        gp, gt, gparams = self.ginfo[k]
-        return gp, gp + gt, gparams
+            return 0, 0, 0, 0
+        reserve, gparams = self.ginfo[k]
+        return reserve, reserve, gparams, 0
 
     def fits(self, o: int, d: int, inbound: int) -> bool:
         if not self.enforce_memory:
             return True
-        _, need, params = self._mem_need(o)
+        _, need, params, inbound = self._mem_need(o, inbound)
         lim = self.limit[d]
         return self.used[d] + inbound + need <= lim and self.peak[d] + inbound + params <= lim
 
@@ -178,12 +183,15 @@ class ListScheduler:
         t = 0.0
         inbound = 0
         plan = []
-        dev, end, cache, et = self.dev, self.end, self.cache, self.et
-        preds = self.pred[o]
-        if self.contended and len(preds) > 1:
-            preds = sorted(preds, key=lambda u: (end[u], self.rank[u]))
+        dev, end, cache = self.dev, self.end, self.cache
+        inputs = self._inputs.get(o)
+        if inputs is None:
+            # Only ready ops are asked about, so their producers' end times are final: sort the
+            # inputs once by (end, topo) to order their transfers on the channels.
+            preds = sorted(self.pred[o], key=lambda u: (end[u], self.rank[u]))
+            inputs = self._inputs[o] = [(u, self.et[(u, o)]) for u in preds]
         local: dict = {}
-        for u in preds:
+        for u, tensors in inputs:
             du = dev[u]
             eu = end[u]
             if du == d:
@@ -192,7 +200,7 @@ class ListScheduler:
                 continue
             nb = 0
             arr = 0.0
-            for tid, b in et[(u, o)]:
+            for tid, b in tensors:
                 a = cache.get((tid, d))
                 if a is None:
                     nb += b
@@ -299,7 +307,7 @@ class ListScheduler:
         r, inbound, plan = self.ready_info(o, d)
         st = max(self.na[d], r)
         en = st + self.compute[o]
-        perm, need, _ = self._mem_need(o)
+        hold, need, _, inbound = self._mem_need(o, inbound)
         k = self.gkey[o]
         if k is not None and k not in self.gdev:
             self.gdev[k] = d
@@ -311,7 +319,7 @@ class ListScheduler:
         self.na[d] = en
         self.commit_order.append(o)
         self.peak[d] = max(self.peak[d], self.used[d] + inbound + need)
-        self.used[d] += inbound + perm
+        self.used[d] += inbound + hold
         if self.release_memory:
             self.used[d] -= self.release[o]
         for u, du, nb, s, e in plan:

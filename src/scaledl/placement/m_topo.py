@@ -1,7 +1,8 @@
 """m-TOPO: memory-balanced topological fill (Baechi spec §2.3).
 
 Walk the BFS topological order and fill device 0, then 1, ...: an op (or, at its first op, its
-whole colocation group: summed permanent bytes plus the largest temporary) stays on the current
+whole colocation group with its reservation: summed permanent bytes, the largest temporary and
+its external inputs) stays on the current
 device while ``used + mem <= cap`` with ``cap = floor(sum(mem) / m) + max(mem)``, and also within
 the device's real limit (checked including the bytes it must receive from other devices, which
 the reference skipped). Ops left over after the last device are an error. m-TOPO has no time
@@ -41,19 +42,19 @@ def m_topo(graph: OpGraph, cluster: Cluster, *, contention: str | None = None) -
     d = 0
     for o in order:
         head = first[o]
-        if dev[o] >= 0:  # already placed with its group; still pay for what it receives
-            real[dev[o]] += _inbound(graph, dev, o, int(dev[o]), cached, commit=True)
+        if dev[o] >= 0:  # placed with its group, whose reservation covers its inputs
             continue
         mem = unit_mem[head]
+        grouped = graph.group[o] is not None
         while d < m:
-            inbound = _inbound(graph, dev, o, d, cached, commit=False)
+            inbound = 0 if grouped else _inbound(graph, dev, o, d, cached, commit=False)
             if used[d] + mem <= cap and real[d] + inbound + mem <= cluster.memory[d]:
                 break
             d += 1
         if d == m:
             raise infeasible(graph, cluster, "m-topo", o)
         used[d] += mem
-        real[d] += mem + _inbound(graph, dev, o, d, cached, commit=True)
+        real[d] += mem + (0 if grouped else _inbound(graph, dev, o, d, cached, commit=True))
         key = graph.group[o]
         for i in graph.groups()[key] if key is not None else [o]:
             dev[i] = d

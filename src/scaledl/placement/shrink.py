@@ -3,7 +3,9 @@
 1. Union the graph's colocation groups (forward/backward/optimizer of one op, tied weights).
 2. Co-placement: an op with exactly one out-edge joins its consumer's group, unless the merged
    group would exceed ``max_group_bytes`` (a memory-constrained placer must still be able to
-   split a long chain; the reference has no such guard).
+   split a long chain; the reference has no such guard) or, by default, the consumer is a join
+   (several inputs): every branch ending in a join would otherwise land in the join's group
+   and parallel branches would be serialised. ``merge_joins=True`` restores the plain rule.
 3. Fusion inside a group: contract u -> v unless ``outdeg(u) > 1 and indeg(v) > 1`` (a cycle
    is possible); with ``exact=True`` such an edge is still contracted when no other path
    u ~> v exists. Fused node: summed compute, permanent, params and release, the largest
@@ -79,6 +81,7 @@ def shrink(
     graph: OpGraph,
     *,
     single_consumer: bool = True,
+    merge_joins: bool = False,
     fuse: bool = True,
     exact: bool = True,
     max_group_bytes: int | None = None,
@@ -104,7 +107,10 @@ def shrink(
         for u in order:
             if len(graph.succ[u]) != 1:
                 continue
-            ru, rv = uf.find(u), uf.find(graph.succ[u][0])
+            v = graph.succ[u][0]
+            if len(graph.pred[v]) > 1 and not merge_joins:
+                continue
+            ru, rv = uf.find(u), uf.find(v)
             if ru == rv:
                 continue
             size = gperm[ru] + gperm[rv] + max(gtemp[ru], gtemp[rv])

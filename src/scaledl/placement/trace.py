@@ -56,22 +56,24 @@ class TracedModel:
 
 
 class _Tracer(fx.Tracer):
-    """An fx tracer with extra leaf classes that remembers which module it is inside."""
+    """An fx tracer with extra leaf classes that tags errors with the module being traced."""
 
     def __init__(self, leaves: tuple[type, ...]) -> None:
         super().__init__()
         self.leaves = leaves
-        self.stack: list[tuple[str, nn.Module]] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        self.stack.append((self.path_of_module(m), m))
+        path = self.path_of_module(m)
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.stack.pop()
+        except Exception as exc:
+            # The innermost module being traced is the one to blame.
+            if not hasattr(exc, "scaledl_module"):
+                exc.scaledl_module = (path, m)
+            raise
 
 
 def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
@@ -80,7 +82,7 @@ def symbolic_trace(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Gr
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
-        path, mod = tracer.stack[-1] if tracer.stack else ("<root>", model)
+        path, mod = getattr(exc, "scaledl_module", ("<root>", model))
         raise ValueError(
             f"cannot trace module {path!r} ({type(mod).__name__}): {exc}. Pass its class in "
             f"leaf_modules to keep it whole, or remove data-dependent control flow"
@@ -126,13 +128,13 @@ def trace(
 
     ``profile=True`` measures each node's forward and backward time on the device of the model
     (CUDA events on a GPU, a clock on CPU; warm-up, median over ``repeats``); otherwise times
-    come from ``roofline`` (default: :class:`Roofline` with CPU-class figures). Parameters may
-    live on the ``meta`` device (shapes only) to plan models too big for this host.
+    come from ``roofline`` (default: CPU-class figures; when profiling, a roofline calibrated on
+    the device prices the optimizer steps). Parameters may live on the ``meta`` device (shapes
+    only) to plan models too big for this host.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    roofline = roofline or Roofline()
     gm = symbolic_trace(model, leaf_modules)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
@@ -147,6 +149,9 @@ def trace(
     specs: list[OpSpec] = []
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     measure = profile
+    if roofline is None:
+        # Optimizer steps are not profiled per node: a measured roofline of the device prices them.
+        roofline = Roofline.calibrate(str(device)) if measure else Roofline()
     inputs = iter(example_inputs)
     for node in gm.graph.nodes:
         if node.op == "output":
