@@ -241,33 +241,30 @@ def first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
 
 
 def make_setup(task: str, quick: bool, steps: int | None) -> Setup:
+    """Small model 4L/192 (3 heads of 64) -> 8L/384 on GPU; 2L/32 -> 4L/64 with --quick."""
+    common = dict(
+        hidden_size=32 if quick else 192,
+        num_hidden_layers=2 if quick else 4,
+        num_attention_heads=2 if quick else 3,
+        intermediate_size=128 if quick else 768,
+        layer_norm_eps=1e-6,
+    )
     if task == "vit":
         small = TransformerConfig(
-            hidden_size=32 if quick else 192,
-            num_hidden_layers=2 if quick else 4,
-            num_attention_heads=2 if quick else 3,
-            intermediate_size=128 if quick else 768,
-            image_size=32,
-            patch_size=8 if quick else 4,
-            num_classes=10,
-            layer_norm_eps=1e-6,
+            image_size=32, patch_size=8 if quick else 4, num_classes=10, **common
         )
         lr, wd, batch = (2e-3, 0.05, 64) if quick else (1e-3, 0.05, 256)
         seq = small.num_patches + 1
     else:
         small = TransformerConfig(
-            hidden_size=32 if quick else 192,
-            num_hidden_layers=2 if quick else 4,
-            num_attention_heads=2 if quick else 3,
-            intermediate_size=128 if quick else 768,
             vocab_size=MASK_ID + 1,
             max_position_embeddings=64 if quick else 128,
             tie_word_embeddings=True,
-            layer_norm_eps=1e-6,
+            **common,
         )
         lr, wd, batch = (2e-3, 0.01, 32) if quick else (7e-4, 0.01, 128)
         seq = small.max_position_embeddings
-    n = steps or (160 if quick else 2400)
+    n = steps or (100 if quick else 3000)
     return Setup(
         small=small,
         hidden=small.hidden_size * 2,
@@ -277,14 +274,50 @@ def make_setup(task: str, quick: bool, steps: int | None) -> Setup:
         batch=batch,
         lr=lr,
         weight_decay=wd,
-        budgets=(0.4, 0.7) if quick else (0.3, 0.5, 0.7),
-        eval_every=max(10, n // (16 if quick else 40)),
+        budgets=(0.5,) if quick else (0.3, 0.5, 0.7),
+        eval_every=max(10, n // (10 if quick else 40)),
         eval_batches=2 if quick else 8,
         seq_len=seq,
     )
 
 
-def run_task(name: str, quick: bool, steps: int | None, device: torch.device) -> dict:
+def variant_budgets(variant: str, setup: Setup) -> tuple[float, ...]:
+    """LEMON gets the budget sweep; the other initialisations are compared at the middle one."""
+    if variant == "lemon":
+        return setup.budgets
+    return (setup.budgets[len(setup.budgets) // 2],)
+
+
+def seconds_per_step(model: torch.nn.Module, task: Task, amp: bool, n: int = 10) -> float:
+    """Time a few optimizer steps of a throw-away copy (after 3 warm-up steps)."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=task.device.type == "cuda")
+    for i in range(n + 3):
+        if i == 3:
+            if task.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        x, y = task.batch()
+        with torch.autocast(task.device.type, torch.bfloat16, enabled=amp):
+            loss = Task.loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if task.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def fit_steps(setup: Setup, t_small: float, t_large: float, seconds: float) -> int:
+    """The largest from-scratch budget N (multiple of 100) whose runs fit in ``seconds``."""
+    large_runs = 1 + sum(sum(variant_budgets(v, setup)) for v in VARIANTS)
+    per_n = t_small + t_large * large_runs * 1.1  # ~10% for evaluation
+    return int(max(300, min(setup.steps, seconds / per_n)) // 100 * 100)
+
+
+def run_task(
+    name: str, quick: bool, steps: int | None, device: torch.device, seconds: float
+) -> dict:
     setup = make_setup(name, quick, steps)
     amp = device.type == "cuda"
     task = Task(name, setup, device, quick)
@@ -298,73 +331,83 @@ def run_task(name: str, quick: bool, steps: int | None, device: torch.device) ->
     seq = setup.seq_len
     torch.manual_seed(0)
     small = PreLNTransformer(setup.small).to(device)
-    small_curve = train(small, task, setup.small_steps, amp, "small model")
     torch.manual_seed(1)
     scratch = PreLNTransformer(big_cfg).to(device)
+    timing = {}
+    if steps is None and not quick:  # fit N to the time budget of this task
+        timing = {
+            "small_s_per_step": seconds_per_step(small, task, amp),
+            "large_s_per_step": seconds_per_step(scratch, task, amp),
+        }
+        n = fit_steps(setup, timing["small_s_per_step"], timing["large_s_per_step"], seconds)
+        setup = replace(setup, steps=n, small_steps=n, eval_every=max(10, n // 40))
+        task.setup = setup
+        print(f"  [{name}] step times {timing}; from-scratch budget N = {n}", flush=True)
     flops_t = train_flops(scratch, setup.batch, seq)
     flops_s = train_flops(small, setup.batch, seq)
+    small_curve = train(small, task, setup.small_steps, amp, "small model")
     scratch_curve = train(scratch, task, setup.steps, amp, "large from scratch")
     target = scratch_curve[-1][1]
     del scratch
     small_cpu = small.float().cpu().eval()
-    runs: dict[str, dict] = {}
-    for variant, (kwargs, _) in VARIANTS.items():
+    small_flops = setup.small_steps * flops_s
+    rows = [["scratch (large)", setup.steps, f"{target:.4f}", setup.steps, "0%", "0%", "-"]]
+    results: dict[str, dict] = {}
+    for variant, (kwargs, description) in VARIANTS.items():
         grown = expand(small_cpu, hidden_size=setup.hidden, num_layers=setup.layers, **kwargs)
-        runs[variant] = {"budgets": {}}
-        for frac in setup.budgets:
-            model = copy.deepcopy(grown)
+        budgets = {}
+        for frac in variant_budgets(variant, setup):
             budget = max(1, round(frac * setup.steps))
-            curve = train(model.to(device).train(), task, budget, amp, f"{variant} f={frac}")
-            runs[variant]["budgets"][str(frac)] = {
+            model = copy.deepcopy(grown).to(device).train()
+            curve = train(model, task, budget, amp, f"{variant} f={frac}")
+            budgets[str(frac)] = {
                 "steps": budget,
-                "curve": curve,
                 "final_loss": curve[-1][1],
                 "first_reach": first_reach(curve, target),
+                "curve": curve,
             }
-    small_flops = setup.small_steps * flops_s
-    rows, results = [], {}
-    rows.append(["scratch (large)", setup.steps, f"{target:.4f}", setup.steps, "0%", "0%", "-"])
-    for variant, info in runs.items():
-        reached = [b["first_reach"] for b in info["budgets"].values() if b["first_reach"]]
-        best_budget = min(
-            (b["steps"] for b in info["budgets"].values() if b["final_loss"] <= target),
-            default=None,
-        )
+        reached = [b["first_reach"] for b in budgets.values() if b["first_reach"] is not None]
         steps_needed = min(reached) if reached else None
-        res = {
-            "initial_loss": next(iter(info["budgets"].values()))["curve"][0][1],
+        res: dict = {
+            "description": description,
+            "loss_after_expansion": next(iter(budgets.values()))["curve"][0][1],
             "steps_to_target": steps_needed,
-            "smallest_budget_reaching_target": best_budget,
-            "budgets": info["budgets"],
+            "smallest_budget_reaching_target": min(
+                (b["steps"] for b in budgets.values() if b["final_loss"] <= target), default=None
+            ),
+            "budgets": budgets,
         }
         if steps_needed is not None:
+            res["flops_to_target_excluding_small"] = steps_needed * flops_t
+            res["flops_to_target_including_small"] = steps_needed * flops_t + small_flops
             res["saved_excluding_small"] = 1 - steps_needed / setup.steps
-            res["saved_including_small"] = 1 - (steps_needed * flops_t + small_flops) / (
+            res["saved_including_small"] = 1 - res["flops_to_target_including_small"] / (
                 setup.steps * flops_t
             )
         results[variant] = res
         rows.append(
             [
                 variant,
-                "/".join(str(b["steps"]) for b in info["budgets"].values()),
-                "/".join(f"{b['final_loss']:.4f}" for b in info["budgets"].values()),
+                "/".join(str(b["steps"]) for b in budgets.values()),
+                "/".join(f"{b['final_loss']:.4f}" for b in budgets.values()),
                 steps_needed if steps_needed is not None else "not reached",
                 _pct(res.get("saved_excluding_small")),
                 _pct(res.get("saved_including_small")),
-                f"{res['initial_loss']:.4f}",
+                f"{res['loss_after_expansion']:.4f}",
             ]
         )
     print_table(
-        f"{name}: steps to reach the from-scratch final loss {target:.4f} "
-        f"(small {setup.small.num_hidden_layers}L/{setup.small.hidden_size} -> "
-        f"{setup.layers}L/{setup.hidden}, small model trained {setup.small_steps} steps)",
+        f"{name}: steps to reach the from-scratch final eval loss {target:.4f} "
+        f"({setup.small.num_hidden_layers}L/{setup.small.hidden_size} -> "
+        f"{setup.layers}L/{setup.hidden}; small model: {setup.small_steps} steps, "
+        f"loss {small_curve[-1][1]:.4f})",
         [
             "init",
             "budget steps",
             "final loss",
             "steps to l*",
             "saved (excl S)",
-            "saved (incl S)",
+            "saved (incl S, FLOPs)",
             "loss after expand",
         ],
         rows,
@@ -378,10 +421,13 @@ def run_task(name: str, quick: bool, steps: int | None, device: torch.device) ->
             "batch": setup.batch,
             "seq_len": seq,
             "lr": setup.lr,
+            "weight_decay": setup.weight_decay,
             "budgets": list(setup.budgets),
         },
+        "timing": timing,
         "flops_per_step": {"small": flops_s, "large": flops_t},
         "small_final_loss": small_curve[-1][1],
+        "small_curve": small_curve,
         "scratch": {"final_loss": target, "curve": scratch_curve},
         "variants": results,
     }
@@ -395,20 +441,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["vit", "bert", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a CPU check")
-    parser.add_argument("--steps", type=int, default=None, help="from-scratch budget N")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="from-scratch budget N (default: fit the time)"
+    )
+    parser.add_argument(
+        "--seconds-per-task",
+        type=float,
+        default=180.0,
+        help="training time budget of one task in full mode, used to choose N",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny models: threads cost more than they give
-    if device.type == "cuda":
+    else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     t0 = time.perf_counter()
     tasks = ["vit", "bert"] if args.task == "both" else [args.task]
     payload = {"quick": args.quick, "device": str(device), "tasks": {}}
     for name in tasks:
-        payload["tasks"][name] = run_task(name, args.quick, args.steps, device)
+        payload["tasks"][name] = run_task(
+            name, args.quick, args.steps, device, args.seconds_per_task
+        )
     payload["seconds"] = time.perf_counter() - t0
     path = save_results("lemon_savings" + ("_quick" if args.quick else ""), payload, args.out)
     print(f"\ntotal {payload['seconds']:.1f} s; results written to {path}")
