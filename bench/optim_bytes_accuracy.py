@@ -27,12 +27,12 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table, save_results
 
-from scaledl.optim.digits_task import RunSpec, load_digits_split, run_local
+from scaledl.optim.digits_task import PARTITIONS, RunSpec, load_digits_split, run_local
 
 # Learning rates: one grid {0.02, 0.05, 0.1, 0.2, 0.3} (momentum 0.9 or 0) on this task.
 # CSER and local SGD drift apart at 0.2, so the SGD family runs at 0.1 and sync SGD is shown
-# at both; EF-SGD and QSparse with random blocks diverge with momentum 0.9 at >= 0.05, so they
-# run without momentum at their best grid point.
+# at both; EF-SGD and QSparse with random blocks did best without momentum (EF-SGD diverged
+# with momentum 0.9 at 0.05 and 0.2), so they run without it at their best grid point.
 SGD_LR = 0.1
 SYNC_SGD_LRS = (0.1, 0.2)
 EF_LR, QSPARSE_LR = 0.1, 0.3
@@ -89,6 +89,12 @@ def main() -> int:
     ap.add_argument("--world-size", type=int, default=None, help="ranks (default 8; quick 4)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (400; quick 120)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--partition",
+        choices=PARTITIONS,
+        default="iid",
+        help="iid minibatches, or label-skew: rank r sees the r-th label-sorted slice",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args()
     world = args.world_size or (4 if args.quick else 8)
@@ -107,6 +113,7 @@ def main() -> int:
         seed=args.seed,
         data=load_digits_split(args.seed),
         verbose=True,
+        partition=args.partition,
         timeout_s=1200,
     )
     total = time.perf_counter() - start
@@ -127,7 +134,8 @@ def main() -> int:
         for r in records
     ]
     print_table(
-        f"digits MLP, {world} ranks x batch 16, {steps} steps: averaged model at the end",
+        f"digits MLP, {args.partition} data, {world} ranks x batch 16, {steps} steps: "
+        "averaged model at the end",
         [
             "method",
             "ratio (exp.)",
@@ -157,10 +165,13 @@ def main() -> int:
             )
     print("\ntargets: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in verdicts.items()))
     print(f"total wall time {total:.0f} s")
+    name = "optim_bytes_accuracy" + ("_quick" if args.quick else "")
+    name += "" if args.partition == "iid" else f"_{args.partition}"
     path = save_results(
-        "optim_bytes_accuracy_quick" if args.quick else "optim_bytes_accuracy",
+        name,
         {
             "mode": "quick" if args.quick else "full",
+            "partition": args.partition,
             "world_size": world,
             "steps": steps,
             "total_wall_s": total,

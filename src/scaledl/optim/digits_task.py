@@ -43,7 +43,7 @@ OPTIMIZERS = (
     "adaalter",
     "local-adaalter",
 )
-_SYNC_GRADS = ("sgd", "adagrad", "adaalter")
+PARTITIONS = ("iid", "label-skew")
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,7 @@ def train_digits(
     seed: int = 0,
     data: tuple[torch.Tensor, ...] | None = None,
     verbose: bool = False,
+    partition: str = "iid",
 ) -> list[dict[str, Any]]:
     """Train each spec on this rank (call on every rank of the default group).
 
@@ -200,11 +201,19 @@ def train_digits(
     averaged model's train loss and test accuracy), the final figures, measured and expected
     compression, and wall time. ``data`` (from :func:`load_digits_split`) saves each rank the
     scikit-learn import; ``verbose`` makes rank 0 print one line per finished run to stderr.
+    ``partition="label-skew"`` gives rank r only the r-th slice of the training set sorted by
+    label (about 10/n classes per rank), the heterogeneous case where local models drift.
     """
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
     torch.manual_seed(seed)
     data = data if data is not None else load_digits_split(seed)
     x_tr, y_tr = data[0], data[1]
     rank, world = (dist.get_rank(), group_size()) if dist.is_initialized() else (0, 1)
+    pool = torch.arange(len(y_tr))
+    if partition == "label-skew":
+        order = torch.sort(y_tr, stable=True).indices
+        pool = order.tensor_split(world)[rank]
     evals = sorted({max(1, round(steps * (i + 1) / eval_points)) for i in range(eval_points)})
     records = []
     for spec in specs:
@@ -218,7 +227,7 @@ def train_digits(
         start = time.perf_counter()
         for t in range(steps):
             g = torch.Generator().manual_seed(seed * 1_000_003 + t * 4099 + rank)
-            idx = torch.randint(len(y_tr), (batch_size,), generator=g)
+            idx = pool[torch.randint(len(pool), (batch_size,), generator=g)]
             model.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
             if sync_grads:
