@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table, save_results
 
+from scaledl.comm.accounting import interface_bytes
 from scaledl.distributed import launch
 
 NCCL_SOCKET_ENV = {
@@ -83,15 +84,8 @@ START_ITER = 2
 
 def lo_tx_bytes() -> int | None:
     """Bytes transmitted on ``lo`` so far (None where /proc/net/dev is not readable)."""
-    try:
-        with open("/proc/net/dev") as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                if name.strip() == "lo":
-                    return int(rest.split()[8])
-    except OSError:
-        return None
-    return None
+    counters = interface_bytes("lo")
+    return None if counters is None else counters[1]
 
 
 # ------------------------------------------------------------------------------ rank side

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table, save_results
 
+from scaledl.comm.accounting import interface_bytes
 from scaledl.distributed import launch
 
 #: (label, CompressionState options or None for DDP's own fp32 all-reduce)
@@ -40,16 +41,9 @@ CONFIGS: list[tuple[str, dict[str, Any] | None]] = [
 
 
 def lo_bytes() -> int | None:
-    """Bytes transmitted on the loopback interface so far (None where not readable)."""
-    try:
-        with open("/proc/net/dev") as f:
-            for line in f:
-                name, _, rest = line.partition(":")
-                if name.strip() == "lo":
-                    return int(rest.split()[8])  # transmit bytes
-    except OSError:
-        return None
-    return None
+    """Bytes transmitted on ``lo`` so far (None where /proc/net/dev is not readable)."""
+    counters = interface_bytes("lo")
+    return None if counters is None else counters[1]
 
 
 def _rank_job(hidden: int, steps: int) -> list[dict[str, Any]]:

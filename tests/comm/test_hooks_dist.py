@@ -192,7 +192,13 @@ def _all_checks() -> dict:
     }
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)])
+# 3 and 4 ranks on two cores take ~40-60 s each: slow, but part of the full suite
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "world_size", [1, 2, pytest.param(3, marks=SLOW), pytest.param(4, marks=SLOW)]
+)
 def test_hooks_on_gloo(run_dist, world_size):
     results = run_dist(_all_checks, world_size)
     for r in results:

@@ -1,6 +1,6 @@
 """Compressed gradient communication (BytePS-Compress, arXiv 2105.07829)."""
 
-from scaledl.comm.accounting import CommStats
+from scaledl.comm.accounting import CommStats, interface_bytes
 from scaledl.comm.base import Compressor, IdentityCompressor, ZeroCompressor
 from scaledl.comm.clan import CLAN, LANS, lans_param_groups
 from scaledl.comm.compressors import (
@@ -37,6 +37,7 @@ __all__ = [
     "compression_hook",
     "derive_key",
     "get_compressor",
+    "interface_bytes",
     "lans_param_groups",
     "register_compression",
 ]

@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CommStats"]
+__all__ = ["CommStats", "interface_bytes"]
 
 
 @dataclass
@@ -65,3 +65,21 @@ class CommStats:
             "ratio_vs_fp16": self.ratio_fp16,
             "by_kind": dict(self.by_kind),
         }
+
+
+def interface_bytes(iface: str = "lo") -> tuple[int, int] | None:
+    """(received, transmitted) byte counters of a network interface from /proc/net/dev.
+
+    The measured counterpart of the algorithmic counts (they include protocol overhead and
+    all other traffic on the interface). None where the counters cannot be read.
+    """
+    try:
+        with open("/proc/net/dev") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name.strip() == iface:
+                    fields = rest.split()
+                    return int(fields[0]), int(fields[8])
+    except OSError:
+        return None
+    return None

@@ -97,17 +97,15 @@ class LANS(torch.optim.Optimizer):
 
 
 class CLAN(LANS):
-    """LANS without gradient normalisation: the adaptive method of BytePS-Compress."""
+    """LANS without gradient normalisation: the adaptive method of BytePS-Compress.
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-    ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, normalize_grad=False)
+    Takes the arguments of :class:`LANS` except ``normalize_grad`` (always False).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], **kwargs: Any):
+        if "normalize_grad" in kwargs:
+            raise ValueError("CLAN never normalises gradients; use LANS for normalize_grad")
+        super().__init__(params, normalize_grad=False, **kwargs)
 
 
 def lans_param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict[str, Any]]:
