@@ -327,8 +327,8 @@ def training_graph(
         # An op that saved activations needs its own output (e.g. ReLU/softmax) or its inputs
         # back; those are the tensors the forward consumers receive, so a device caches them once.
         # (Which of them it saved is not recorded: both are charged, a conservative choice.)
-        if s.saved_bytes:
-            g.add_edge(f, b, [(f, s.out_bytes)])
+        # A backward never starts before its forward: a control edge if nothing was saved.
+        g.add_edge(f, b, [(f, s.out_bytes)] if s.saved_bytes else ())
         for p in s.inputs:
             u = g.index[f"fwd:{p}"]
             if s.saved_bytes:
