@@ -342,13 +342,14 @@ def make_sample(
                 rng.uniform(0, 2 * np.pi, 5),
             )
             border = m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()
-            if m.sum() >= 4 and not border and not (m & occupied).any():
+            in_body = m.any() and (hu[m] > -400).mean() > 0.95
+            if m.sum() >= 4 and in_body and not border and not (m & occupied).any():
                 break
         else:
             continue
         occupied |= ndi.binary_dilation(m, iterations=4)
         soft = ndi.gaussian_filter(m.astype(np.float32), rng.uniform(0.5, 1.5))
-        target = np.median(hu[m]) + contrast
+        target = np.median(hu[m & host] if (m & host).any() else hu[m]) + contrast
         hu = hu + soft * (target - hu)
         if rng.random() < 0.3:  # an enhancing or hypodense rim
             rim = soft * (1 - ndi.gaussian_filter(ndi.binary_erosion(m, iterations=2) * 1.0, 1.0))

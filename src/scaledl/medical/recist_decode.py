@@ -26,6 +26,7 @@ from scaledl.medical.recist_geometry import (
     canonicalize_recist,
     length_mm,
 )
+from scaledl.medical.recist_net import CELL_EPS
 
 
 @dataclass
@@ -149,6 +150,7 @@ def decode(
     max_det: int = 100,
     pad: float = DEEPLESION_PAD,
     ghost: bool = False,
+    center_pool: int = 1,
     chunk: int = 1 << 20,
 ) -> list[RECISTDetection]:
     """Group one image's keypoints into lesions.
@@ -160,12 +162,14 @@ def decode(
         spacing: ``(row_mm, col_mm)`` or a number, for the diameters in mm.
         k: peaks per endpoint map (the candidates are ``k⁴``; keep ``k <= 16`` on CPU).
         angle_tol: maximum deviation from perpendicular, degrees.
-        center_thresh: minimum centre-heatmap evidence (3×3 max around the centre).
+        center_thresh: minimum centre-heatmap evidence at the cell of the centre.
         scores_thresh: minimum score of each endpoint.
         intersect_margin: tolerance on the segments crossing, as a fraction of their lengths.
         center_mode: how the centre is computed; must match training.
         top: candidates kept before NMS; ``max_det`` kept after.
         ghost: apply ghost-box suppression before NMS.
+        center_pool: read the centre evidence as the max over a ``center_pool``² window
+            (odd; 1 = the centre's own cell, as ExtremeNet).
     """
     sp = as_spacing(spacing)
     if heatmap.ndim != 3 or heatmap.shape[0] != 5:
@@ -176,15 +180,20 @@ def decode(
         )
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
+    if center_pool < 1 or center_pool % 2 == 0:
+        raise ValueError(f"center_pool must be a positive odd number, got {center_pool}")
     if center_mode not in ("intersection", "bbox", "mean"):
         raise ValueError(f"center_mode must be intersection, bbox or mean, got {center_mode!r}")
     hm, off = heatmap.float(), offset.float()
     scores, pts = _peaks(hm, off, k, stride)
+    pts = pts.double()  # the geometry in float64: round-off must not move a centre's cell
     ls, lp = _pairs(scores, pts, 0, 1, scores_thresh)
     ss, spts = _pairs(scores, pts, 2, 3, scores_thresh)
     if len(ls) == 0 or len(ss) == 0:
         return []
-    center_map = F.max_pool2d(hm[None, 4:5], 3, stride=1, padding=1)[0, 0]
+    center_map = hm[4]
+    if center_pool > 1:  # tolerate a centre peak that is off by a cell or two
+        center_map = F.max_pool2d(center_map[None, None], center_pool, 1, center_pool // 2)[0, 0]
     h, w = center_map.shape
     cos_tol = math.sin(math.radians(angle_tol))  # |cos(angle)| < sin(tol) <=> |angle-90| < tol
     m = intersect_margin
@@ -212,8 +221,8 @@ def decode(
             ctr = (four.amin(-2) + four.amax(-2)) / 2
         else:
             ctr = four.mean(-2)
-        cx = (ctr[..., 0] / stride).floor().long().clamp(0, w - 1)
-        cy = (ctr[..., 1] / stride).floor().long().clamp(0, h - 1)
+        cx = (ctr[..., 0] / stride + CELL_EPS).floor().long().clamp(0, w - 1)
+        cy = (ctr[..., 1] / stride + CELL_EPS).floor().long().clamp(0, h - 1)
         s_c = center_map[cy, cx]
         ok &= s_c >= center_thresh
         score = (s_l.sum(-1) + ss[None].sum(-1) + 2 * s_c) / 6

@@ -35,6 +35,9 @@ from scaledl.medical.recist_geometry import canonicalize_recist, recist_center
 KEYPOINTS = ("long_a", "long_b", "short_a", "short_b")
 N_MAPS = len(KEYPOINTS) + 1  # + centre
 CONFIG_NAME = "config.json"
+#: A point's heatmap cell is floor(x / stride + CELL_EPS): the tolerance keeps round-off
+#: (a centre recomputed from decoded endpoints) from moving it across a cell border.
+CELL_EPS = 1e-6
 WEIGHTS_NAME = "model.pt"
 
 
@@ -118,7 +121,7 @@ def encode_targets(
             lo, hi = lesion[:4].min(0), lesion[:4].max(0)
             r = max(min_radius, int(gaussian_radius(hi[1] - lo[1], hi[0] - lo[0], min_overlap)))
             for k, (x, y) in enumerate(lesion):
-                ix, iy = math.floor(x), math.floor(y)
+                ix, iy = math.floor(x + CELL_EPS), math.floor(y + CELL_EPS)
                 if not (0 <= ix < w and 0 <= iy < h):
                     continue
                 draw_gaussian(hm[b, k], ix, iy, r)
@@ -340,15 +343,20 @@ class RECISTNet(nn.Module):
 
     Args:
         config: a :class:`RECISTNetConfig` (or keyword overrides of its fields).
-        backbone: optionally a custom ``nn.Module`` with ``out_channels`` and ``stride``.
+        backbone_module: optionally a custom ``nn.Module`` with ``out_channels`` and ``stride``
+            (replaces the configured backbone).
     """
 
     def __init__(
-        self, config: RECISTNetConfig | None = None, backbone: nn.Module | None = None, **kwargs
+        self,
+        config: RECISTNetConfig | None = None,
+        backbone_module: nn.Module | None = None,
+        **kwargs: Any,
     ):
         super().__init__()
         self.config = config if config is not None else RECISTNetConfig(**kwargs)
         c = self.config
+        backbone = backbone_module
         if backbone is None:
             if c.backbone == "unet":
                 backbone = UNetBackbone(c.in_channels, c.width, c.levels, c.stride)

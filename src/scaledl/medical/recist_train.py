@@ -33,6 +33,36 @@ def images_tensor(
     return torch.from_numpy(window_hu(ds.images, window))[:, None].to(device)
 
 
+def lr_factor(progress: float, warmup: float = 0.05) -> float:
+    """Linear warm-up then cosine decay to zero over ``progress`` in [0, 1]."""
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+class TrainingClock:
+    """Training progress in [0, 1]: the larger of steps done / ``steps`` and time spent /
+    ``time_limit_s``, so the learning-rate schedule always completes, also when a time budget
+    rather than the step count ends the run."""
+
+    def __init__(self, steps: int, time_limit_s: float | None = None):
+        self.steps, self.limit = steps, time_limit_s
+        self.t0 = time.perf_counter()
+
+    def progress(self, step: int) -> float:
+        p = step / self.steps
+        if self.limit:
+            p = max(p, (time.perf_counter() - self.t0) / self.limit)
+        return p
+
+    def set_lr(self, opt: torch.optim.Optimizer, lr: float, step: int) -> bool:
+        """Set the learning rate for ``step``; False once the run is over."""
+        p = self.progress(step)
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(p)
+        return p < 1.0
+
+
 def flip_points(points: np.ndarray, width: int, height: int, hflip: bool, vflip: bool):
     """Flip ``(n, 4, 2)`` endpoints with the image, then re-canonicalise a/b."""
     p = np.array(points, dtype=np.float64, copy=True).reshape(-1, 4, 2)
@@ -60,11 +90,11 @@ def train_recist(
     time_limit_s: float | None = None,
     progress: bool = False,
 ) -> list[float]:
-    """Train with AdamW and cosine decay on random batches (flips as augmentation).
+    """Train with AdamW, warm-up and cosine decay on random batches (flips as augmentation).
 
     Only each image's *labelled* lesions are targets (missing-label simulation). Returns the
-    loss of every step (fewer than ``steps`` when ``time_limit_s`` runs out first; the
-    learning-rate schedule still spans ``steps``). ``images`` may pass a pre-windowed
+    loss of every step (fewer than ``steps`` when ``time_limit_s`` runs out first: the
+    schedule then follows elapsed time, see :class:`TrainingClock`). ``images`` may pass a pre-windowed
     ``(N, 1, H, W)`` tensor already on the device (saves a copy per call).
     """
     if steps < 1 or batch_size < 1:
@@ -76,17 +106,16 @@ def train_recist(
     H, W = x_all.shape[-2:]
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=steps, pct_start=0.05, anneal_strategy="cos"
-    )
+    clock = TrainingClock(steps, time_limit_s)
     losses: list[float] = []
-    t0 = time.perf_counter()
     it: Any = range(steps)
     if progress:
         from scaledl.cli_utils import progress as bar
 
         it = bar(it, total=steps, description="training RECIST-Net")
     for step in it:
+        if not clock.set_lr(opt, lr, step):
+            break
         idx = rng.integers(0, len(ds), batch_size)
         x = x_all[torch.as_tensor(idx, device=x_all.device)].to(dev)
         pts = []
@@ -105,12 +134,9 @@ def train_recist(
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
-        sched.step()
         losses.append(float(parts["loss"].detach()))
         if on_step is not None:
             on_step(step, {k: float(v.detach()) for k, v in parts.items()})
-        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
-            break
     return losses
 
 
