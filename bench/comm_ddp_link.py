@@ -162,7 +162,8 @@ def _run_config(
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     rank, n = dist.get_rank(), dist.get_world_size()
-    model = _model(shape["width"], shape["depth"], shape["d_in"], shape["classes"]).to(device)
+    with device:  # initialise on the device: 100M+ parameters on the host CPU take seconds
+        model = _model(shape["width"], shape["depth"], shape["d_in"], shape["classes"])
     ddp = DDP(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,

@@ -14,7 +14,13 @@ from scaledl.comm.compressors import (
     get_compressor,
 )
 from scaledl.comm.error_feedback import EF_MODES, ErrorFeedback, compress_shards
-from scaledl.comm.hooks import MODES, CompressionState, compression_hook, register_compression
+from scaledl.comm.hooks import (
+    MODES,
+    CompressionState,
+    compression_hook,
+    register_compression,
+    replica_divergence,
+)
 
 __all__ = [
     "CLAN",
@@ -40,4 +46,5 @@ __all__ = [
     "interface_bytes",
     "lans_param_groups",
     "register_compression",
+    "replica_divergence",
 ]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from scaledl.comm.hooks import CompressionState, compression_hook
+from scaledl.comm.hooks import CompressionState, compression_hook, replica_divergence
 
 __all__ = ["digits_mlp", "load_digits_split", "train_digits", "train_digits_many"]
 
@@ -40,15 +40,6 @@ def digits_mlp(hidden: int = 128, seed: int = 0) -> nn.Module:
     """A two-layer MLP (64 -> hidden -> 10), identically initialised for a given seed."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-
-def _max_rank_difference(flat: torch.Tensor) -> float:
-    n = dist.get_world_size()
-    if n == 1:
-        return 0.0
-    out = [torch.empty_like(flat) for _ in range(n)]
-    dist.all_gather(out, flat)
-    return max(float((o - out[0]).abs().max()) for o in out)
 
 
 def train_digits(
@@ -113,8 +104,7 @@ def train_digits(
         sched.step()
         losses.append(float(loss.detach()))
         if check_every and (step + 1) % check_every == 0:
-            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-            max_diff = max(max_diff, _max_rank_difference(flat))
+            max_diff = max(max_diff, replica_divergence(model))
     with torch.no_grad():
         logits = model.module(x_te)
         acc = float((logits.argmax(1) == y_te).float().mean())

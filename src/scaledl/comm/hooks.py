@@ -39,7 +39,13 @@ from scaledl.comm.base import Compressor
 from scaledl.comm.compressors import derive_key, get_compressor
 from scaledl.comm.error_feedback import EF_MODES, ErrorFeedback, compress_shards
 
-__all__ = ["MODES", "CompressionState", "compression_hook", "register_compression"]
+__all__ = [
+    "MODES",
+    "CompressionState",
+    "compression_hook",
+    "register_compression",
+    "replica_divergence",
+]
 
 #: exchange modes of :class:`CompressionState`
 MODES = ("two_way", "one_way", "allreduce", "auto")
@@ -500,3 +506,18 @@ def register_compression(
     state.bind(model)
     model.register_comm_hook(state, compression_hook)
     return state
+
+
+def replica_divergence(module: torch.nn.Module, group: dist.ProcessGroup | None = None) -> float:
+    """Largest absolute difference of any parameter between ranks (0.0 when in sync).
+
+    A collective: call it on every rank. Compressed exchanges must keep replicas
+    bit-identical (every rank decodes the same payloads); check it every few hundred steps.
+    """
+    flat = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+    n = dist.get_world_size(group) if dist.is_initialized() else 1
+    if n == 1:
+        return 0.0
+    out = [torch.empty_like(flat) for _ in range(n)]
+    dist.all_gather(out, flat, group=group)
+    return max(float((o - out[0]).abs().max()) for o in out)
