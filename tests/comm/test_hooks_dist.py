@@ -1,4 +1,5 @@
-"""The DDP comm hooks on 1-4 gloo ranks: exactness, replica agreement, bytes, checkpoints."""
+"""The DDP comm hooks on 1-4 gloo ranks (and 2 NCCL GPUs): exactness, replica agreement,
+bytes, checkpoints."""
 
 import copy
 
@@ -15,16 +16,19 @@ pytestmark = pytest.mark.dist
 # ~300-byte buckets: DDP starts the 13-17-5 MLP (328 parameters) in one bucket and re-forms
 # it into two of odd sizes (90 and 238) after the first iteration
 BUCKET_MB = 0.0003
+#: where the rank computes (the NCCL test switches it to the rank's GPU)
+DEVICE = {"device": torch.device("cpu")}
 
 
 def _make() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(13, 17), nn.Tanh(), nn.Linear(17, 5))
+    return nn.Sequential(nn.Linear(13, 17), nn.Tanh(), nn.Linear(17, 5)).to(DEVICE["device"])
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * dist.get_rank() + step)
-    return torch.randn(8, 13, generator=g), torch.randn(8, 5, generator=g)
+    x, y = torch.randn(8, 13, generator=g), torch.randn(8, 5, generator=g)
+    return x.to(DEVICE["device"]), y.to(DEVICE["device"])
 
 
 def _flat(module: nn.Module, grads: bool = False) -> torch.Tensor:
@@ -200,7 +204,23 @@ SLOW = pytest.mark.slow
     "world_size", [1, 2, pytest.param(3, marks=SLOW), pytest.param(4, marks=SLOW)]
 )
 def test_hooks_on_gloo(run_dist, world_size):
-    results = run_dist(_all_checks, world_size)
+    _check_results(run_dist(_all_checks, world_size), world_size)
+
+
+def _nccl_checks() -> dict:
+    DEVICE["device"] = torch.device("cuda", dist.get_rank())
+    return _all_checks()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_hooks_on_nccl():
+    from scaledl.distributed import launch
+
+    _check_results(launch(_nccl_checks, 2, backend="nccl", timeout_s=300), 2)
+
+
+def _check_results(results: list[dict], world_size: int) -> None:
     for r in results:
         for mode in ("two_way", "one_way", "allreduce"):
             assert r[f"identity_{mode}_err"] < 1e-6, (mode, r)
