@@ -73,7 +73,7 @@ def gather_rows(
     if residue not in ("avg", "zero"):
         raise ValueError(f"residue must be 'avg' or 'zero', got {residue!r}")
     x = _to_last(w, dim)
-    out = x[..., index_map.clamp(min=0)].clone()
+    out = torch.index_select(x, -1, index_map.clamp(min=0))
     res = index_map < 0
     if res.any():
         fill = x.mean(-1, keepdim=True) if residue == "avg" else torch.zeros_like(x[..., :1])
@@ -98,16 +98,24 @@ def split_cols(
     x = _to_last(w, dim)
     n_src = x.shape[-1]
     valid = index_map >= 0
+    all_valid = bool(valid.all())
     src_idx = index_map.clamp(min=0)
     counts = copy_counts(index_map, n_src).to(x.dtype).clamp(min=1)
-    out = (x / counts)[..., src_idx]
+    # index_select, in-place updates and skipping empty masks keep BERT-base sizes fast.
+    out = torch.index_select(x / counts, -1, src_idx)
     if rand is not None:
-        r = _to_last(rand, dim).to(x.dtype) * scale
+        r = _to_last(rand, dim).to(x.dtype)
+        if scale != 1.0:
+            r = r * scale
         sums = torch.zeros(*r.shape[:-1], n_src, dtype=x.dtype, device=x.device)
-        sums.index_add_(-1, index_map[valid], r[..., valid])
-        out = out + r - (sums / counts)[..., src_idx]
-        out[..., ~valid] = r[..., ~valid]
-    else:
+        sums.index_add_(
+            -1, index_map if all_valid else index_map[valid], r if all_valid else r[..., valid]
+        )
+        out += r
+        out -= torch.index_select(sums / counts, -1, src_idx)
+        if not all_valid:
+            out[..., ~valid] = r[..., ~valid]
+    elif not all_valid:
         out[..., ~valid] = 0
     return out.movedim(-1, dim)
 
@@ -579,6 +587,17 @@ def _outputs(model: nn.Module, inputs: dict) -> dict[str, torch.Tensor]:
     return res
 
 
+def _outputs_as(model: nn.Module, dtype: torch.dtype, inputs: dict) -> dict[str, torch.Tensor]:
+    """Outputs in eval mode and ``dtype``; copies the model only if it must be cast."""
+    if all(p.dtype == dtype for p in model.parameters()):
+        was_training = model.training
+        try:
+            return _outputs(model.eval(), inputs)
+        finally:
+            model.train(was_training)
+    return _outputs(copy.deepcopy(model).to(dtype).eval(), inputs)
+
+
 def make_inputs(model: nn.Module, batch: int = 3, seq_len: int = 12, seed: int = 0) -> dict:
     """Random inputs for ``model``: token ids with a right-padded attention mask (and
     ``token_type_ids`` where the model has them) or images ``randn * 10 + 1.5``."""
@@ -626,8 +645,8 @@ def max_logit_diff(
     inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
     mask = inputs.get("attention_mask")
     with torch.no_grad():
-        a = _outputs(copy.deepcopy(source).to(dtype).eval(), inputs)
-        b = _outputs(copy.deepcopy(expanded).to(dtype).eval(), inputs)
+        a = _outputs_as(source, dtype, inputs)
+        b = _outputs_as(expanded, dtype, inputs)
     worst = 0.0
     for key, x in a.items():
         y = b[key]
