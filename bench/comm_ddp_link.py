@@ -28,6 +28,7 @@ steps at the configuration's step time.
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import os
 import shutil
@@ -157,6 +158,7 @@ def _run_config(
     max_seconds: float,
     device: torch.device,
     shape_cmds: tuple[list[str], list[str]] | None = None,
+    phase_steps: int = 0,
 ) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -182,6 +184,18 @@ def _run_config(
     losses, times = [], []
     tx_before = tx_after = None
     timed_start = None
+
+    def one_step(step: int) -> float:
+        """One training step; returns the loss averaged over ranks (synchronises)."""
+        x, y = batches[step % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(ddp(x), y)
+        loss.backward()
+        opt.step()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        return float(mean_loss) / n
+
     for step in range(WARMUP + steps):
         if step == WARMUP:
             # Warm-up (and DDP's start-up broadcast) ran on the fast link; shape it now.
@@ -192,14 +206,7 @@ def _run_config(
             tx_before = lo_tx_bytes()
             timed_start = time.perf_counter()
         t0 = time.perf_counter()
-        x, y = batches[step % len(batches)]
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(ddp(x), y)
-        loss.backward()
-        opt.step()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        losses.append(float(mean_loss) / n)  # also synchronises the device
+        losses.append(one_step(step))
         times.append(time.perf_counter() - t0)
         if timed_start is not None and step >= WARMUP + 2:
             # all ranks stop together: rank 0's clock decides
@@ -239,9 +246,17 @@ def _run_config(
         "algorithmic_bytes_per_rank_step": algo,
         "measured_lo_bytes_per_rank_step": measured,
     }
-    del ddp, opt, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if kind == "ours" and phase_steps:
+        # A few extra (untimed) steps with the hook's own compress/communicate clocks; they
+        # synchronise the device, so they are kept out of the step times above.
+        state.time_phases = True
+        state.phase_seconds = dict.fromkeys(state.phase_seconds, 0.0)
+        t0 = time.perf_counter()
+        for step in range(phase_steps):
+            one_step(step)
+        total = (time.perf_counter() - t0) / phase_steps
+        out["phase_s_per_step"] = {k: v / phase_steps for k, v in state.phase_seconds.items()}
+        out["phase_s_per_step"]["step_total"] = total
     return out
 
 
@@ -259,10 +274,16 @@ def _rank_job(
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    return {
-        label: _run_config(kind, opts, shape, lr, steps, max_seconds, device, shape_cmds)
-        for label, kind, opts in configs
-    }
+    out = {}
+    for label, kind, opts in configs:
+        phase_steps = 3 if shape_cmds is None else 0
+        out[label] = _run_config(
+            kind, opts, shape, lr, steps, max_seconds, device, shape_cmds, phase_steps
+        )
+        gc.collect()  # free the previous model before building the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 # ---------------------------------------------------------------------------- host side
@@ -423,6 +444,7 @@ def main() -> None:
                 "measured_lo_bytes_per_rank_step": r["measured_lo_bytes_per_rank_step"],
                 "step_times_s": r["step_times_s"],
                 "losses": r["losses"] if link == "unshaped" else None,
+                "phase_s_per_step": r.get("phase_s_per_step"),
             }
             records.append(rec)
             rows.append(
@@ -459,6 +481,23 @@ def main() -> None:
         ],
         rows,
     )
+    phase_rows = [
+        [
+            r["config"],
+            r["phase_s_per_step"]["step_total"] * 1e3,
+            r["phase_s_per_step"]["compress"] * 1e3,
+            r["phase_s_per_step"]["communicate"] * 1e3,
+            r["phase_s_per_step"]["compress"] / r["phase_s_per_step"]["step_total"],
+        ]
+        for r in records
+        if r["link"] == "unshaped" and r["phase_s_per_step"]
+    ]
+    if phase_rows:
+        print_table(
+            "our hook's time split, unshaped link (3 extra steps with device syncs)",
+            ["config", "step ms", "compress+decode ms", "communicate ms", "compress share"],
+            phase_rows,
+        )
     path = save_results(
         "comm_ddp_link",
         {
