@@ -18,8 +18,11 @@ coarsest scales only; finer scales use prototype attention.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +164,21 @@ class ShapePriorNet(nn.Module):
             raise ValueError(f"dense_scales must be in 0..5, got {dense_scales}")
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
+        # constructor arguments, saved by save_pretrained so from_pretrained can rebuild the net
+        self.config = {
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "features": list(features),
+            "attention": attention,
+            "dense_scales": dense_scales,
+            "fusion": fusion,
+            "share_weights": share_weights,
+            "mask_as_separate_stream": mask_as_separate_stream,
+            "tau": tau,
+            "norm": norm,
+            "act": act,
+            "dropout": dropout,
+        }
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.attention = attention
@@ -266,6 +284,28 @@ class ShapePriorNet(nn.Module):
             self.encode_template(template, template_masks),
             template_masks,
         )
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.pt`` (the state dict) into folder ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.config, indent=2))
+        torch.save(self.state_dict(), path / "model.pt")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> ShapePriorNet:
+        """Rebuild a network written by :meth:`save_pretrained`."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is not a saved ShapePriorNet (no config.json)")
+        cfg = json.loads((path / "config.json").read_text())
+        # JSON turns the (name, kwargs) block options into lists; MONAI wants tuples
+        for key in ("norm", "act"):
+            if isinstance(cfg.get(key), list):
+                cfg[key] = tuple(cfg[key])
+        net = cls(**cfg)
+        net.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        return net
 
     @torch.no_grad()
     def predict_proba(
