@@ -73,6 +73,17 @@ def llama_cfg(cls_name: str, **kw):
     )
 
 
+def vit_cfg(**kw):
+    return transformers.ViTConfig(
+        image_size=16, patch_size=8, attn_implementation="eager", **SMALL, **kw
+    )
+
+
+def gpt2_cfg(**kw):
+    base = dict(vocab_size=60, n_embd=32, n_layer=3, n_head=4, n_positions=24)
+    return transformers.GPT2Config(**{**base, **kw})
+
+
 CASES = {
     "bert-mlm": (transformers.BertForMaskedLM, bert_cfg, [(64, 6)]),
     "bert-base": (transformers.BertModel, bert_cfg, [(64, 5)]),
@@ -90,41 +101,18 @@ CASES = {
     ),
     "vit-cls": (
         transformers.ViTForImageClassification,
-        lambda: transformers.ViTConfig(
-            image_size=16, patch_size=8, num_labels=4, attn_implementation="eager", **SMALL
-        ),
+        lambda: vit_cfg(num_labels=4),
         [(64, 6), (40, 5)],
     ),
-    "vit-base": (
-        transformers.ViTModel,
-        lambda: transformers.ViTConfig(
-            image_size=16, patch_size=8, attn_implementation="eager", **SMALL
-        ),
-        [(56, 4)],
-    ),
+    "vit-base": (transformers.ViTModel, vit_cfg, [(56, 4)]),
     "gpt2-lm": (
         transformers.GPT2LMHeadModel,
-        lambda: transformers.GPT2Config(
-            vocab_size=60,
-            n_embd=32,
-            n_layer=3,
-            n_head=4,
-            n_positions=24,
-            attn_implementation="eager",
-        ),
+        lambda: gpt2_cfg(attn_implementation="eager"),
         [(64, 6), (40, 4)],
     ),
     "gpt2-inverse-idx": (
         transformers.GPT2LMHeadModel,
-        lambda: transformers.GPT2Config(
-            vocab_size=60,
-            n_embd=32,
-            n_layer=3,
-            n_head=4,
-            n_positions=24,
-            scale_attn_by_inverse_layer_idx=True,
-            attn_implementation="eager",
-        ),
+        lambda: gpt2_cfg(scale_attn_by_inverse_layer_idx=True, attn_implementation="eager"),
         [(48, 6)],
     ),
 }
@@ -190,7 +178,7 @@ def test_negative_controls_gqa_and_rmsnorm(monkeypatch, exact_rmsnorm):
 def test_tied_save_and_reload(tmp_path):
     src = perturbed(
         transformers.GPT2LMHeadModel,
-        transformers.GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=4, n_positions=24),
+        gpt2_cfg(n_layer=2),
     )
     tgt = expand(src, hidden_size=56, num_layers=3)
     assert tgt.lm_head.weight is tgt.transformer.wte.weight
