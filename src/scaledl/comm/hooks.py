@@ -89,6 +89,8 @@ class CompressionState:
         process_group: the group to communicate in (default: the world).
         lr: learning rate for ``lr_corrected`` EF; or call :meth:`attach_optimizer`.
         time_phases: measure compress/communicate/decompress seconds (synchronises CUDA).
+        cuda_stream: on CUDA, run the exchange on a side stream so that it overlaps with
+            the rest of the backward pass.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class CompressionState:
         process_group: dist.ProcessGroup | None = None,
         lr: float | None = None,
         time_phases: bool = False,
+        cuda_stream: bool = True,
     ) -> None:
         self.compressor = get_compressor(compressor, **(compressor_kwargs or {}))
         self.server_compressor = (
@@ -139,6 +142,8 @@ class CompressionState:
         self.process_group = process_group
         self.lr = lr
         self.time_phases = time_phases
+        self.cuda_stream = cuda_stream
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.iteration = 0
         self.buckets: dict[int, _BucketState] = {}
@@ -465,6 +470,28 @@ def compression_hook(
 ) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: compressed exchange of one gradient bucket (see the module docstring)."""
     buffer = bucket.buffer()
+    if buffer.is_cuda and state.cuda_stream:
+        # Work on a side stream (after the gradients are ready) so that the backward pass of
+        # the remaining layers overlaps with this bucket's compression and collectives. The
+        # future records an event there; DDP's wait makes its stream wait for it.
+        device = buffer.device
+        stream = state._streams.get(device)
+        if stream is None:
+            stream = state._streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            result = _exchange(state, bucket, buffer)
+            fut: torch.futures.Future[torch.Tensor] = torch.futures.Future(devices=[device])
+            fut.set_result(result)
+        return fut
+    fut = torch.futures.Future()
+    fut.set_result(_exchange(state, bucket, buffer))
+    return fut
+
+
+def _exchange(
+    state: CompressionState, bucket: dist.GradBucket, buffer: torch.Tensor
+) -> torch.Tensor:
     group = state.process_group
     n = dist.get_world_size(group) if dist.is_initialized() else 1
     it, bi = state.iteration, bucket.index()
@@ -484,9 +511,7 @@ def compression_hook(
     if bucket.is_last():
         state.iteration += 1
         state.stats.end_step()
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(result)
-    return fut
+    return result
 
 
 def register_compression(
