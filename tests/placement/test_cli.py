@@ -60,6 +60,13 @@ def test_gantt_and_user_model(capsys, tmp_path) -> None:
     assert set(out["placement"]) == {"x", "a", "relu", "b", "relu_1", "c"}
 
 
+def test_cli_lists_every_built_in_model() -> None:
+    from scaledl.placement.cli import MODEL_NAMES
+    from scaledl.placement.models import BUILTIN_MODELS
+
+    assert tuple(BUILTIN_MODELS) == MODEL_NAMES
+
+
 def test_errors_are_one_line_and_name_the_problem(capsys) -> None:
     assert main(["place", "gpt2-xl", "--devices", "2", "--memory", "16"]) == 2
     err = capsys.readouterr().err

@@ -14,11 +14,21 @@ import argparse
 
 from scaledl.cli_utils import add_json_flag, console, emit, make_table, progress
 
+#: The built-in models (``scaledl.placement.models.BUILTIN_MODELS``), listed here so that
+#: building the parser does not import torch.
+MODEL_NAMES = (
+    "transformer",
+    "gpt2",
+    "gpt2-medium",
+    "gpt2-large",
+    "gpt2-xl",
+    "inception",
+    "branches",
+)
+
 
 def register(parser: argparse.ArgumentParser) -> None:
-    from scaledl.placement.models import BUILTIN_MODELS
-
-    names = ", ".join(BUILTIN_MODELS)
+    names = ", ".join(MODEL_NAMES)
     parser.add_argument("model", help=f"built-in model ({names}) or package.module:function")
     parser.add_argument("--devices", type=int, default=2, help="number of devices (default 2)")
     parser.add_argument(
