@@ -312,7 +312,7 @@ def fit_steps(setup: Setup, t_small: float, t_large: float, seconds: float) -> i
     """The largest from-scratch budget N (multiple of 100) whose runs fit in ``seconds``."""
     large_runs = 1 + sum(sum(variant_budgets(v, setup)) for v in VARIANTS)
     per_n = t_small + t_large * large_runs * 1.1  # ~10% for evaluation
-    return int(max(300, min(setup.steps, seconds / per_n)) // 100 * 100)
+    return int(min(setup.steps, max(300, seconds / per_n)) // 100 * 100)
 
 
 def run_task(
