@@ -13,6 +13,7 @@ from scaledl.medical.recist_decode import decode, decode_batch, detections_to_ar
 from scaledl.medical.recist_geometry import canonicalize_recist, recist_to_box
 from scaledl.medical.recist_net import (
     RECISTNetConfig,
+    dense_offsets,
     encode_targets,
     focal_loss,
     gaussian_radius,
@@ -48,11 +49,12 @@ def test_focal_and_offset_losses_by_hand():
     neg2 = sum(math.log(1 - p) * p**2 * (1 - y) ** 4 for p, y in zip(s[3:], (0.5, 0, 0)))
     expected = -(pos + neg1) / 1 - neg2
     assert float(focal_loss(logits, target)) == pytest.approx(expected, rel=1e-5)
-    pred = torch.zeros(1, 2, 2, 2)
-    tgt = torch.full((1, 2, 2, 2), 0.5)
-    mask = torch.zeros(1, 1, 2, 2)
-    mask[0, 0, 1, 1] = 1
-    assert float(offset_l1_loss(pred, tgt, mask)) == pytest.approx(0.5, rel=1e-3)
+    pred = torch.zeros(2, 4, 3, 3)  # two keypoints with (x, y) offsets
+    pred[1, 2, 0, 1], pred[1, 3, 0, 1] = 0.25, 0.75
+    peaks = torch.tensor([[0, 0, 2, 2], [1, 1, 0, 1], [1, 4, 1, 1]])  # the centre row is ignored
+    offsets = torch.tensor([[0.5, 0.5], [0.5, 0.5], [9.0, 9.0]])
+    # |0 - .5| * 2 + |.25 - .5| + |.75 - .5| = 1.5 over 4 entries
+    assert float(offset_l1_loss(pred, peaks, offsets)) == pytest.approx(1.5 / 4, rel=1e-3)
 
 
 def test_targets_decoder_round_trip():
@@ -64,9 +66,11 @@ def test_targets_decoder_round_trip():
     for stride in (2, 4):
         t = encode_targets(pts, (128, 128), stride)
         assert t["heatmap"].shape == (3, 5, 128 // stride, 128 // stride)
-        assert t["heatmap"].max() == 1.0 and t["offset_mask"].sum() == 15
+        assert t["heatmap"].max() == 1.0 and len(t["peaks"]) == 15
+        assert set(t["peaks"][:, 1].tolist()) == {0, 1, 2, 3, 4}
+        assert t["offsets"].min() >= 0 and t["offsets"].max() < 1
         dets = decode_batch(
-            torch.tensor(t["heatmap"]), torch.tensor(t["offset"][:, :8]), stride=stride,
+            torch.tensor(t["heatmap"]), torch.tensor(dense_offsets(t)), stride=stride,
             spacing=0.7, k=8,
         )  # fmt: skip
         for gt, dl in zip(pts, dets):
@@ -111,8 +115,11 @@ def test_decoder_geometric_checks():
 
 
 def test_short_training_lowers_the_loss_and_persistence(tmp_path):
-    from scaledl.medical.lesion_data import make_lesion_dataset, resize_backgrounds
-    from scaledl.medical.lesion_data import _phantom  # packaged liver segmentation
+    from scaledl.medical.lesion_data import (
+        _phantom,  # packaged liver segmentation
+        make_lesion_dataset,
+        resize_backgrounds,
+    )
     from scaledl.medical.recist_train import images_tensor, predict_recist, train_recist
 
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ def run_demo(time_budget_s: float = 12.0) -> object:
     from scaledl.medical.froc_eval import froc
     from scaledl.medical.lesion_data import _ct_small, _phantom, make_lesion_dataset
     from scaledl.medical.recist_decode import decode_batch, detections_to_arrays
-    from scaledl.medical.recist_net import RECISTNet, encode_targets
+    from scaledl.medical.recist_net import RECISTNet, dense_offsets, encode_targets
     from scaledl.medical.recist_train import train_recist
 
     t0 = time.perf_counter()
@@ -25,7 +25,7 @@ def run_demo(time_budget_s: float = 12.0) -> object:
     # 1) ground truth heatmaps decode back to exactly the RECIST endpoints
     tg = encode_targets(ds.points, ds.images.shape[1:], stride=2)
     dets = decode_batch(
-        torch.from_numpy(tg["heatmap"]), torch.from_numpy(tg["offset"][:, :8]), stride=2,
+        torch.from_numpy(tg["heatmap"]), torch.from_numpy(dense_offsets(tg)), stride=2,
         spacing=ds.spacing, k=12,
     )  # fmt: skip
     errs = [

@@ -103,15 +103,17 @@ def encode_targets(
 ) -> dict[str, np.ndarray]:
     """Training targets for a batch: per image, ``(n_i, 4, 2)`` endpoints in input pixels.
 
-    Returns ``heatmap (B, 5, h, w)``, ``offset (B, 10, h, w)`` (x, y per keypoint incl. the
-    centre) and ``offset_mask (B, 5, h, w)`` with ``h, w = ceil(image_size / stride)``.
+    Returns ``heatmap (B, 5, h, w)`` with ``h, w = ceil(image_size / stride)``, and the
+    offsets sparsely (a dense map would be mostly zeros to copy to the device every step):
+    ``peaks (N, 4)`` int64 rows ``(image, keypoint, iy, ix)`` (keypoint 4 is the centre) and
+    ``offsets (N, 2)`` the sub-pixel remainders ``(x - ix, y - iy)`` there.
     """
     H, W = image_size
     h, w = math.ceil(H / stride), math.ceil(W / stride)
     B = len(points)
     hm = np.zeros((B, N_MAPS, h, w), np.float32)
-    off = np.zeros((B, 2 * N_MAPS, h, w), np.float32)
-    mask = np.zeros((B, N_MAPS, h, w), np.float32)
+    peaks: list[tuple[int, int, int, int]] = []
+    offs: list[tuple[float, float]] = []
     for b, pts in enumerate(points):
         p = np.asarray(pts, dtype=np.float64).reshape(-1, 4, 2)
         if not np.all(np.isfinite(p)):
@@ -125,9 +127,24 @@ def encode_targets(
                 if not (0 <= ix < w and 0 <= iy < h):
                     continue
                 draw_gaussian(hm[b, k], ix, iy, r)
-                off[b, 2 * k : 2 * k + 2, iy, ix] = (x - ix, y - iy)
-                mask[b, k, iy, ix] = 1.0
-    return {"heatmap": hm, "offset": off, "offset_mask": mask}
+                peaks.append((b, k, iy, ix))
+                offs.append((x - ix, y - iy))
+    return {
+        "heatmap": hm,
+        "peaks": np.array(peaks, dtype=np.int64).reshape(-1, 4),
+        "offsets": np.array(offs, dtype=np.float32).reshape(-1, 2),
+    }
+
+
+def dense_offsets(targets: dict[str, np.ndarray], n_keypoints: int = 4) -> np.ndarray:
+    """The sparse offset targets as a ``(B, 2 * n_keypoints, h, w)`` map (zeros elsewhere),
+    the layout of the offset head's output."""
+    B, _, h, w = targets["heatmap"].shape
+    out = np.zeros((B, 2 * n_keypoints, h, w), np.float32)
+    for (b, k, iy, ix), (dx, dy) in zip(targets["peaks"], targets["offsets"]):
+        if k < n_keypoints:
+            out[b, 2 * k : 2 * k + 2, iy, ix] = (dx, dy)
+    return out
 
 
 # --------------------------------------------------------------------------- losses
@@ -150,13 +167,16 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, b
     return per_map.sum()
 
 
-def offset_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def offset_l1_loss(pred: torch.Tensor, peaks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """L1 on offsets at the ground-truth peaks, summed and divided by the number of entries.
 
-    ``pred``/``target`` ``(B, 2K, h, w)``, ``mask`` ``(B, K, h, w)``.
+    ``pred`` is ``(B, 2K, h, w)``; ``peaks`` ``(N, 4)`` rows ``(image, keypoint, iy, ix)``
+    (rows with ``keypoint >= K`` are ignored) and ``offsets`` ``(N, 2)``.
     """
-    m = mask.repeat_interleave(2, dim=1)
-    return (torch.abs(pred.float() - target) * m).sum() / (m.sum() + 1e-4)
+    keep = peaks[:, 1] < pred.shape[1] // 2
+    b, k, iy, ix = peaks[keep].unbind(1)
+    sel = torch.stack([pred[b, 2 * k, iy, ix], pred[b, 2 * k + 1, iy, ix]], dim=1).float()
+    return torch.abs(sel - offsets[keep]).sum() / (2 * keep.sum() + 1e-4)
 
 
 # --------------------------------------------------------------------------- backbones
@@ -403,11 +423,8 @@ class RECISTNet(nn.Module):
                 f"target heatmap {tuple(t['heatmap'].shape)} does not match the output "
                 f"{tuple(outputs['heatmap'].shape)}; build targets with model.encode"
             )
-        n_off = outputs["offset"].shape[1] // 2
         focal = focal_loss(outputs["heatmap"], t["heatmap"])
-        off = offset_l1_loss(
-            outputs["offset"], t["offset"][:, : 2 * n_off], t["offset_mask"][:, :n_off]
-        )
+        off = offset_l1_loss(outputs["offset"], t["peaks"], t["offsets"])
         return {"loss": focal + off, "focal": focal.detach(), "offset": off.detach()}
 
     @torch.no_grad()

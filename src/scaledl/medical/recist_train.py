@@ -94,8 +94,8 @@ def train_recist(
 
     Only each image's *labelled* lesions are targets (missing-label simulation). Returns the
     loss of every step (fewer than ``steps`` when ``time_limit_s`` runs out first: the
-    schedule then follows elapsed time, see :class:`TrainingClock`). ``images`` may pass a pre-windowed
-    ``(N, 1, H, W)`` tensor already on the device (saves a copy per call).
+    schedule then follows elapsed time, see :class:`TrainingClock`). ``images`` may pass a
+    pre-windowed ``(N, 1, H, W)`` tensor already on the device (saves a copy per call).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
