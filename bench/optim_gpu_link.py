@@ -10,7 +10,7 @@ Every method trains from the same initial model on the same data stream for at m
 ``--budget-s`` seconds of training (evaluation excluded from the clock). The target loss is
 sync SGD's final held-out loss times ``1 + --slack`` (or ``--target-loss``); each method's
 time to target is the training time when its **averaged** model's held-out loss first reaches
-it (checked every ``--eval-every`` steps).
+it (checked every ``--eval-every-s`` seconds of training).
 
     PYTHONPATH=src python bench/optim_gpu_link.py --tc /usr/sbin/tc --rate 10gbit   # 2 GPUs
     PYTHONPATH=src python bench/optim_gpu_link.py --quick                          # CPU, gloo
@@ -84,18 +84,18 @@ def _teacher_batch(
     return x, torch.tanh(x @ w1) @ w2
 
 
-def _build(kind: str, opts: dict[str, Any], model: nn.Module, lr: float, ada_lr: float):
+def _build(kind: str, opts: dict[str, Any], model: nn.Module, cfg: dict[str, Any]):
     params = list(model.parameters())
     if kind == "local-adaalter":
         opt = LocalAdaAlter(
             params,
-            lr=ada_lr,
+            lr=cfg["ada_lr"],
             period=opts["period"],
             warmup_steps=opts["warmup"],
-            initial_accumulator_value=0.1,
+            initial_accumulator_value=cfg["ada_init"],
         )
         return opt, False
-    sgd = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    sgd = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, nesterov=True)
     if kind == "sgd":
         return sgd, True
     if kind == "local-sgd":
@@ -123,10 +123,10 @@ def _rank_main(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         torch.manual_seed(0)
         model = ResidualMLP(d_in, cfg["width"], cfg["depth"], d_out).to(device)
-        opt, sync_grads = _build(kind, opts, model, cfg["lr"], cfg["ada_lr"])
+        opt, sync_grads = _build(kind, opts, model, cfg)
         stats: CommStats = CommStats() if sync_grads else opt.stats
         dense = dense_model_bytes(model.parameters(), world)
-        clock, step, curve, reached = 0.0, 0, [], None
+        clock, step, curve, reached, next_eval = 0.0, 0, [], None, cfg["eval_every_s"]
         step_times: list[float] = []
         while clock < cfg["budget_s"] and step < cfg["max_steps"]:
             x, y = _teacher_batch(teacher, cfg["batch"], step * 1000 + rank, device)
@@ -150,7 +150,9 @@ def _rank_main(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             clock += float(t)
             step_times.append(float(t))
             step += 1
-            if step % cfg["eval_every"] == 0:
+            done = clock >= cfg["budget_s"] or step >= cfg["max_steps"]
+            if clock >= next_eval or done:
+                next_eval = clock + cfg["eval_every_s"]
                 with averaged_model(model), torch.no_grad():
                     val = float(nn.functional.mse_loss(model(x_val), y_val))
                 curve.append({"step": step, "train_s": clock, "val_loss": val})
@@ -194,11 +196,14 @@ def main() -> int:
     ap.add_argument("--tc", default=None, help="path of the tc binary: shape lo with --rate")
     ap.add_argument("--rate", default="10gbit", help="tbf rate when --tc is given")
     ap.add_argument("--budget-s", type=float, default=None, help="training seconds per method")
-    ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument(
+        "--eval-every-s", type=float, default=None, help="training seconds between evaluations"
+    )
     ap.add_argument("--target-loss", type=float, default=None, help="default: sync SGD's final")
     ap.add_argument("--slack", type=float, default=0.02, help="target = sync SGD final x (1+s)")
     ap.add_argument("--lr", type=float, default=0.02, help="SGD-family learning rate")
     ap.add_argument("--ada-lr", type=float, default=0.01, help="Local AdaAlter learning rate")
+    ap.add_argument("--ada-init", type=float, default=0.0, help="AdaAlter initial accumulator")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -214,9 +219,10 @@ def main() -> int:
         "batch": 256 if cuda else 32,
         "lr": args.lr,
         "ada_lr": args.ada_lr,
-        "budget_s": args.budget_s or (35.0 if cuda else 6.0),
+        "ada_init": args.ada_init,
+        "budget_s": args.budget_s or (30.0 if cuda else 6.0),
         "max_steps": 5000 if cuda else 400,
-        "eval_every": args.eval_every or (20 if cuda else 10),
+        "eval_every_s": args.eval_every_s or (1.5 if cuda else 0.5),
         "target_loss": args.target_loss,
         "slack": args.slack,
         "only": [],

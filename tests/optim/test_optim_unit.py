@@ -139,13 +139,17 @@ def test_cser_zero_c1_keeps_the_whole_update_in_the_residual():
     assert opt.stats.total_sent == 0
 
 
-def test_wrapper_shares_param_groups_with_schedulers():
+def test_wrapper_shares_param_groups_with_schedulers_and_runs_hooks(recwarn):
     m = _model()
     opt = CSER(_sgd(m), IdentityCompressor(), IdentityCompressor(), 2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
-    _train(m, opt, 1)
+    calls = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(o.steps_done))
+    _train(m, opt, 2)
     sched.step()
     assert opt.local_opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert calls == [1, 2]
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
 
 
 def test_wrapper_errors():

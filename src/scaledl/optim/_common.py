@@ -3,7 +3,7 @@ all-reduces, wire-byte formulas, counter-based keys and the wrapper base class."
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -131,7 +131,19 @@ class SyncWrapper(Optimizer):
         if isinstance(local_opt, SyncWrapper):
             raise ValueError("local_opt is already a communication wrapper; wrap a plain optimizer")
         self.local_opt = local_opt
-        # Shared with the local optimizer (PyTorch's PostLocalSGDOptimizer does the same).
+        # What Optimizer.__init__ would set, so step/state-dict hooks can be registered; the
+        # parameter groups themselves are shared with the local optimizer (as PyTorch's
+        # PostLocalSGDOptimizer does), so LR schedulers act on both.
+        for name in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+        ):
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
         self.param_groups = local_opt.param_groups
         self.defaults = local_opt.defaults
         self.state = local_opt.state
