@@ -20,6 +20,15 @@ from scaledl.medical.shape_prior import (
 TINY = (2, 4, 4, 8, 8)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: one thread avoids oversubscription on shared CPUs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _inputs(b: int = 2, k: int = 3, size: int = 32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 1, size, size, generator=g)

@@ -1,0 +1,231 @@
+"""Training, template selection, HD95 worst-case rule, persistence and the segment CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scaledl.cli import main as cli_main
+from scaledl.medical.segmentation_data import SegmentationData, make_synthetic_cxr
+from scaledl.medical.segmentation_train import (
+    TemplateBank,
+    TrainConfig,
+    load_segmenter,
+    mask_dice_matrix,
+    medoid_index,
+    predict_proba,
+    save_segmenter,
+    segmentation_metrics,
+    summarize,
+    train_segmenter,
+)
+from scaledl.medical.shape_prior import ShapePriorNet
+
+TINY = (4, 8, 8, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: one thread avoids oversubscription on shared CPUs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic_cxr(10, size=32, seed=0, lungs="parametric")
+
+
+def _square(size: int, y0: int, x0: int, w: int) -> np.ndarray:
+    lab = np.zeros((size, size), np.int64)
+    lab[y0 : y0 + w, x0 : x0 + w] = 1
+    return lab
+
+
+def test_hd95_worst_case_rule_for_missed_and_hallucinated_structures():
+    truth = np.stack([_square(16, 2, 2, 4), _square(16, 2, 2, 4), np.zeros((16, 16), np.int64)])
+    pred = np.stack([_square(16, 2, 3, 4), np.zeros((16, 16), np.int64), _square(16, 8, 8, 3)])
+    worst = math.hypot(16, 16)
+    m = segmentation_metrics(pred, truth, num_classes=1)
+    # image 0: shifted by one pixel -> HD95 1, Dice 2*12/32
+    assert m["hd95"][0, 0] == pytest.approx(1.0)
+    assert m["dice"][0, 0] == pytest.approx(24 / 32)
+    # image 1: missed -> worst case instead of NaN; image 2: hallucinated -> worst case too
+    assert m["hd95"][1, 0] == pytest.approx(worst) and m["dice"][1, 0] == 0.0
+    assert m["hd95"][2, 0] == pytest.approx(worst) and m["dice"][2, 0] == 0.0
+    # MONAI's own behaviour keeps NaN, which the mean would silently drop
+    raw = segmentation_metrics(pred, truth, num_classes=1, missed="nan")
+    assert math.isnan(raw["hd95"][1, 0])
+    # absent from both: a perfect score; spacing scales the distances
+    empty = np.zeros((1, 16, 16), np.int64)
+    both = segmentation_metrics(empty, empty, num_classes=1)
+    assert both["dice"][0, 0] == 1.0 and both["hd95"][0, 0] == 0.0
+    mm = segmentation_metrics(pred, truth, num_classes=1, spacing=0.5)
+    assert mm["hd95"][1, 0] == pytest.approx(worst * 0.5)
+    s = summarize(m, ["box"])
+    assert s["hd95_box"] == pytest.approx((1 + 2 * worst) / 3)
+    with pytest.raises(ValueError, match="missed"):
+        segmentation_metrics(pred, truth, 1, missed="skip")
+
+
+def test_medoid_has_highest_mean_mask_dice():
+    labels = np.stack([_square(16, 4, 4, 6), _square(16, 5, 5, 6), _square(16, 4, 5, 6)])
+    labels = np.concatenate([labels, _square(16, 10, 10, 5)[None]])
+    d = mask_dice_matrix(labels, 1)
+    np.testing.assert_allclose(np.diag(d), 1.0)
+    np.testing.assert_allclose(d, d.T)
+    scores = [(d[i].sum() - 1) / 3 for i in range(4)]
+    assert medoid_index(labels, 1) == int(np.argmax(scores))
+
+
+def test_template_modes(data):
+    net = ShapePriorNet(4, features=TINY).eval()
+    bank = TemplateBank(data)
+    x = torch.as_tensor(data.images[:3])
+    fixed = bank.select(net, x, "fixed")
+    assert fixed.shape == (3, 1) and (fixed == bank.medoid).all()
+    # a query that is itself a template retrieves itself
+    nearest = bank.select(net, x, "nearest")
+    assert nearest[:, 0].tolist() == [0, 1, 2]
+    ens = bank.select(net, x, "ensemble", k=4)
+    assert ens.shape == (3, 4) and ens[:, 0].tolist() == [0, 1, 2]
+    assert all(len(set(r.tolist())) == 4 for r in ens)
+    # ensemble probabilities equal the mean of the single-template softmaxes
+    p = predict_proba(net, x, bank, "ensemble", k=4)
+    with torch.no_grad():
+        manual = torch.stack(
+            [
+                torch.softmax(net(x, bank.images[ens[:, j]], bank.masks[ens[:, j]]), 1)
+                for j in range(4)
+            ]
+        ).mean(0)
+    torch.testing.assert_close(p, manual)
+    with pytest.raises(ValueError, match="template mode"):
+        bank.select(net, x, "random")
+    with pytest.raises(ValueError, match="TemplateBank"):
+        predict_proba(net, x, None)
+
+
+def test_short_training_lowers_the_loss(data):
+    torch.manual_seed(0)
+    net = ShapePriorNet(4, features=TINY, attention="dense")
+    losses = train_segmenter(net, data, TrainConfig(iterations=40, batch_size=4, lr=5e-3))
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-8:]) < 0.85 * np.mean(losses[:8])
+
+
+def test_template_free_baseline_trains_with_the_same_loop(data):
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    net = BasicUNet(2, 1, 5, features=(4, 8, 8, 16, 16, 4))
+    losses = train_segmenter(net, data, TrainConfig(iterations=3, batch_size=2))
+    assert len(losses) == 3
+    assert predict_proba(net, data.images[:2]).shape == (2, 5, 32, 32)
+
+
+def test_training_config_errors(data):
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match="at least 2"):
+        one = SegmentationData(data.images[:1], data.labels[:1])
+        train_segmenter(ShapePriorNet(4, features=TINY), one, TrainConfig(iterations=1))
+
+
+def test_save_and_load_round_trip(tmp_path, data):
+    net = ShapePriorNet(4, features=TINY, attention="dense", fusion="gate").eval()
+    save_segmenter(tmp_path / "m", net, data)
+    loaded, bank = load_segmenter(tmp_path / "m")
+    x = torch.as_tensor(data.images[:2])
+    m = bank.masks[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, x, m), net(x, x, m))
+    assert bank.medoid == TemplateBank(data).medoid
+    with pytest.raises(ValueError, match=r"templates\.npz"):
+        load_segmenter(tmp_path)
+
+
+def test_segment_cli_train_eval_predict(tmp_path, capsys):
+    model = str(tmp_path / "model")
+    common = ["--size", "32", "--lungs", "parametric", "--json"]
+    assert (
+        cli_main(
+            [
+                "segment",
+                "train",
+                "--n",
+                "6",
+                "--iters",
+                "3",
+                "--batch",
+                "2",
+                "--features",
+                *map(str, TINY),
+                "--out",
+                model,
+                *common,
+            ]
+        )
+        == 0
+    )
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["train_images"] == 6 and trained["iterations"] == 3
+    overlays = tmp_path / "ov"
+    assert (
+        cli_main(
+            [
+                "segment",
+                "eval",
+                "--model",
+                model,
+                "--n",
+                "2",
+                "--corruptions",
+                "noise",
+                "occlusion",
+                "--severities",
+                "3",
+                "--overlays",
+                str(overlays),
+                "--n-overlays",
+                "1",
+                "--mode",
+                "nearest",
+                *common,
+            ]
+        )
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["conditions"]) == {"clean", "noise-3", "occlusion-3"}
+    assert {"dice_lung_right", "hd95_heart", "dice_mean"} <= set(res["conditions"]["clean"])
+    assert (overlays / "occlusion-3_000.png").is_file()
+    assert (
+        cli_main(
+            [
+                "segment",
+                "predict",
+                str(overlays / "clean_000.png"),
+                "--model",
+                model,
+                "--out",
+                str(tmp_path / "pred"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    pred = json.loads(capsys.readouterr().out)
+    assert len(pred["masks"]) == 1
+    from PIL import Image
+
+    assert np.asarray(Image.open(pred["masks"][0])).shape == (32, 32)
+    # bad input is one clear error line and exit code 2
+    assert cli_main(["segment", "eval", "--model", model, "--corruptions", "rain"]) == 2
+    assert "unknown corruption 'rain'" in capsys.readouterr().err
