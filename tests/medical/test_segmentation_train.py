@@ -24,17 +24,9 @@ from scaledl.medical.segmentation_train import (
     train_segmenter,
 )
 from scaledl.medical.shape_prior import ShapePriorNet
+from tests.medical.test_shape_prior import _one_thread  # noqa: F401  (autouse fixture)
 
 TINY = (4, 8, 8, 16, 16)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread avoids oversubscription on shared CPUs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
