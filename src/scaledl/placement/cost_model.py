@@ -155,15 +155,16 @@ def measure_seconds(
     for _ in range(warmup):
         fn()
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        events = []
-        for _ in range(repeats):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            events.append((s, e))
-        torch.cuda.synchronize(dev)
+        with torch.cuda.device(dev):
+            torch.cuda.synchronize(dev)
+            events = []
+            for _ in range(repeats):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                events.append((s, e))
+            events[-1][1].synchronize()
         return statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
     times = []
     for _ in range(repeats):
@@ -184,11 +185,12 @@ def transfer_sweep(
     import torch
 
     samples = []
+    # A GPU-to-GPU copy runs on the source device's current stream: time it there.
+    dev = torch.device(src) if torch.device(src).type == "cuda" else torch.device(dst)
     for k in range(max_log2_elements + 1):
         x = torch.ones(2**k, device=src)
-        dev = torch.device(dst) if torch.device(dst).type == "cuda" else torch.device(src)
         t = measure_seconds(
-            lambda x=x: x.to(dst, non_blocking=False, copy=True), device=dev, repeats=repeats
+            lambda x=x: x.to(dst, non_blocking=True, copy=True), device=dev, repeats=repeats
         )
         samples.append((x.numel() * 4, t))
     return samples
