@@ -139,7 +139,8 @@ def mlm_batch(text: torch.Tensor, n: int, seq: int, gen: torch.Generator):
     inputs = ids.clone()
     inputs[pick & (action < 0.8)] = MASK_ID
     rnd = pick & (action >= 0.8) & (action < 0.9)
-    inputs[rnd] = torch.randint(0, 256, (int(rnd.sum()),), generator=gen, device=device)
+    noise = torch.randint(0, 256, (n, seq), generator=gen, device=device)
+    inputs = torch.where(rnd, noise, inputs)  # no host sync, unlike boolean indexing
     targets = torch.where(pick, ids, torch.full_like(ids, -100))
     return inputs, targets
 

@@ -110,6 +110,7 @@ CASES = {
         lambda: gpt2_cfg(attn_implementation="eager"),
         [(64, 6), (40, 4)],
     ),
+    "gpt2-base": (transformers.GPT2Model, gpt2_cfg, [(48, 5)]),
     "gpt2-inverse-idx": (
         transformers.GPT2LMHeadModel,
         lambda: gpt2_cfg(scale_attn_by_inverse_layer_idx=True, attn_implementation="eager"),
