@@ -340,10 +340,12 @@ def simulated_clusters(graph, comm, single_est: int, contention: str) -> list[di
     for n in (4, 8):
         cap = forcing_cap(graph, single_est, n, 0.75)
         cluster = Cluster([cap] * n, comm, contention=contention)
-        for algo in ALGOS:
-            rec: dict[str, Any] = {"devices": n, "cap_gib": cap / GIB, "algorithm": algo}
+        # m-SCT with theta = 0.1 (the TF reference's default) next to the default 0.5.
+        for algo, options in [(a, {}) for a in ALGOS] + [("m-sct", {"theta": 0.1})]:
+            label = algo if not options else f"{algo} theta=0.1"
+            rec: dict[str, Any] = {"devices": n, "cap_gib": cap / GIB, "algorithm": label}
             try:
-                plan = place_graph(graph, cluster, algo)
+                plan = place_graph(graph, cluster, algo, **options)
                 s = plan.summary()
                 rec.update(
                     step_s=s["simulated_step_time_s"],
