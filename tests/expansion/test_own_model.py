@@ -91,6 +91,17 @@ def test_image_model_indivisible_width_and_depth():
     assert tgt(torch.randn(2, 3, 8, 8, dtype=torch.float64)).shape == (2, 5)
 
 
+def test_rand_scale_keeps_exactness_and_scales_the_noise():
+    src = perturbed(token_cfg())
+    a = expand(src, hidden_size=48, rand_scale=1.0)
+    b = expand(src, hidden_size=48, rand_scale=0.1)
+    assert max_logit_diff(src, b) <= FP64_TOL
+    half = src.layers[0].mlp.fc2.weight / 2  # each of the 2 neuron copies carries w/2 + noise
+    dev_a = (a.layers[0].mlp.fc2.weight[:24, :40] - half).abs().max()
+    dev_b = (b.layers[0].mlp.fc2.weight[:24, :40] - half).abs().max()
+    assert 0 < dev_b < 0.2 * dev_a
+
+
 def test_negative_controls_are_lossy():
     src = perturbed(token_cfg())
     good = expand(src, hidden_size=40)
@@ -170,5 +181,7 @@ def test_bad_input_errors():
         expand(src, intermediate_size=20)
     with pytest.raises(ValueError, match="depth_init"):
         expand(src, num_layers=3, depth_init="random")
+    with pytest.raises(ValueError, match="rand_scale"):
+        expand(src, hidden_size=48, rand_scale=0.0)
     with pytest.raises(ValueError, match="unsupported model class Linear"):
         expand(torch.nn.Linear(2, 2), hidden_size=4)

@@ -325,8 +325,10 @@ def expand_tensor(
     maps: Maps,
     generator: torch.Generator,
     split: str = "lemon",
+    rand_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Apply ``rule`` to a source tensor (float64), using ``rand`` (target init) as noise."""
+    """Apply ``rule`` to a source tensor (float64), using ``rand`` (target init, times
+    ``rand_scale``) as noise."""
     if rule.norm is not None:
         scale = 1.0 / maps.k if rule.tied_final else 1.0
         idx = maps.maps["stream"]
@@ -350,7 +352,8 @@ def expand_tensor(
         idx = maps.maps[rule.inp]
         if split == "net2net" and rule.inp == "stream":
             idx = maps.maps["pool"]
-        out = split_cols(out, idx, None if split == "net2net" else rand, rule.inp_dim)
+        noise = None if split == "net2net" else rand
+        out = split_cols(out, idx, noise, rule.inp_dim, scale=rand_scale)
     return out
 
 
@@ -362,6 +365,7 @@ def expand_parameters(
     depth_init: str = "cancel",
     seed: int = 0,
     split: str = "lemon",
+    rand_scale: float = 1.0,
     override: Callable[[str, Rule, int, int, bool, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Fill every parameter of ``target`` (freshly initialised: its values are the noise R)
@@ -395,10 +399,10 @@ def expand_parameters(
                 if depth_init == "zero" or p.ndim == 1 or rule.inp is None:
                     value = torch.zeros_like(rand)
                 else:
-                    value = cancel_cols(maps.maps[rule.inp], rand, rule.inp_dim)
+                    value = cancel_cols(maps.maps[rule.inp], rand, rule.inp_dim, rand_scale)
             if value is None:
                 w = src_params[src_name].detach().to(torch.float64)
-                value = expand_tensor(rule, w, rand, maps, gen, split)
+                value = expand_tensor(rule, w, rand, maps, gen, split, rand_scale)
             if override is not None:
                 value = override(name, rule, t, s, is_new, value)
             if value.shape != p.shape:
@@ -535,6 +539,7 @@ def expand(
     depth_init: str = "cancel",
     seed: int = 0,
     split: str = "lemon",
+    rand_scale: float = 1.0,
 ) -> nn.Module:
     """Return a wider and/or deeper copy of ``model`` computing the same function (LEMON).
 
@@ -545,9 +550,12 @@ def expand(
     canceling random output weights (``depth_init="cancel"``) or zero outputs (``"zero"``).
     The random parts come from the target's own initialisation under ``torch.manual_seed(seed)``.
     The source model is left untouched; the result is in ``eval`` mode if the source was.
+    ``rand_scale`` multiplies the random parts (smaller keeps the copies closer together);
     ``split="net2net"`` builds the symmetric naive duplication (a baseline, lossy under LN at
     indivisible widths).
     """
+    if not (math.isfinite(rand_scale) and rand_scale > 0):
+        raise ValueError(f"rand_scale must be a positive number, got {rand_scale}")
     if split not in ("lemon", "net2net"):
         raise ValueError(f"split must be 'lemon' or 'net2net', got {split!r}")
     if depth_init not in DEPTH_INITS:
@@ -568,7 +576,9 @@ def expand(
         torch.random.set_rng_state(state)
     target = target.to(dtype)
     override = fam.override(model, target, maps) if fam.override is not None else None
-    expand_parameters(model, target, fam.rules(target), maps, depth_init, seed, split, override)
+    expand_parameters(
+        model, target, fam.rules(target), maps, depth_init, seed, split, rand_scale, override
+    )
     if hasattr(target, "tie_weights"):
         target.tie_weights()
     target.train(model.training)
