@@ -95,6 +95,15 @@ def test_comm_fit_recovers_latency_and_bandwidth() -> None:
         fit_comm_cost(samples[:1])
 
 
+def test_tracing_leaves_the_model_unchanged() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trace(model, (torch.randn(2, 3, 8, 8),), profile=True, repeats=2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_profiled_times_are_positive() -> None:
     tm = trace(TinyMLP(), (torch.randn(4, 8),), profile=True, repeats=2)
     assert all(s.forward_s > 0 for s in tm.specs if s.name != "x")

@@ -143,6 +143,8 @@ def trace(
             f"got {len(example_inputs)} example inputs"
         )
     modules = dict(gm.named_modules())
+    # Running the nodes updates buffers such as BatchNorm statistics: restore them afterwards.
+    buffers = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
     owner: dict[int, str] = {}  # parameter id -> first node using it
     group_of: dict[str, str] = {}
     env: dict[str, Any] = {}
@@ -257,6 +259,9 @@ def trace(
                 module=node.target if node.op == "call_module" else _target_name(node),
             )
         )
+    with torch.no_grad():
+        for b, value in buffers:
+            b.copy_(value)
     for s in specs:
         s.group = group_of.get(s.name)
     return TracedModel(
