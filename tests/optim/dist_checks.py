@@ -397,17 +397,14 @@ def check_ddp(steps: int = 6) -> dict[str, float]:
     return out
 
 
-def run_all(ddp: bool = False) -> dict[str, Any]:
+def run_all(ddp: bool = False, light: bool = False) -> dict[str, Any]:
+    """Every check; ``light`` leaves out the world-size-independent ones (checkpoint resume,
+    averaged-model restore), which the smaller worlds cover."""
+    checks = [check_cser_sgd, check_local_sgd, check_cser_invariants, check_blocks, check_adaalter]
+    if not light:
+        checks += [check_resume, check_averaged_model]
     out: dict[str, Any] = {}
-    for check in (
-        check_cser_sgd,
-        check_local_sgd,
-        check_cser_invariants,
-        check_blocks,
-        check_adaalter,
-        check_resume,
-        check_averaged_model,
-    ):
+    for check in checks:
         out.update(check())
     if ddp:
         out.update(check_ddp())

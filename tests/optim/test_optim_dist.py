@@ -58,12 +58,13 @@ def _assert_checks(results: list[dict]) -> None:
         assert r["after_sync_spread"] == 0.0
         assert r["adaalter_bytes_ok"] is True
         assert r["local_spread"] > 1e-3
-        # Resume from a checkpoint reproduces the uninterrupted run bit for bit.
-        for name in dist_checks.RESUMABLE:
-            assert r[name] is True, (where, "resume", name)
-        # Evaluate-the-averaged-model-then-restore.
-        assert r["avg_inside_err"] < TIGHT and r["avg_inside_spread"] == 0.0
-        assert r["avg_restored"] == 0.0
+        if "avg_restored" in r:  # left out of the light world-8 run
+            # Resume from a checkpoint reproduces the uninterrupted run bit for bit.
+            for name in dist_checks.RESUMABLE:
+                assert r[name] is True, (where, "resume", name)
+            # Evaluate-the-averaged-model-then-restore.
+            assert r["avg_inside_err"] < TIGHT and r["avg_inside_spread"] == 0.0
+            assert r["avg_restored"] == 0.0
         for key in ("ddp_cser", "ddp_local_adaalter"):
             if key in r:
                 assert r[key] < DDP_TOL, (where, key, r[key])
@@ -71,13 +72,17 @@ def _assert_checks(results: list[dict]) -> None:
 
 def test_world_2_with_ddp(run_dist):
     results = run_dist(dist_checks.run_all, 2, ddp=True)
-    assert "ddp_cser" in results[0]
+    assert "ddp_cser" in results[0] and "avg_restored" in results[0]
     _assert_checks(results)
 
 
 def test_world_3(run_dist):
-    _assert_checks(run_dist(dist_checks.run_all, 3))
+    results = run_dist(dist_checks.run_all, 3)
+    assert "avg_restored" in results[0]
+    _assert_checks(results)
 
 
+@pytest.mark.slow  # 8 spawned ranks on 2 cores: 60-80 s alone when the machine is busy
 def test_world_8(run_dist):
-    _assert_checks(run_dist(dist_checks.run_all, 8, timeout_s=400))
+    """n = 8: the local-model divergence that CSER resets is fully exercised."""
+    _assert_checks(run_dist(dist_checks.run_all, 8, light=True, timeout_s=400))

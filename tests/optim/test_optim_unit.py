@@ -283,7 +283,7 @@ def test_cli_bench_json(capsys):
     from scaledl.cli import main
 
     code = main(
-        ["optim", "bench", "--world-size", "2", "--optimizer", "cser-block", "--steps", "32",
+        ["optim", "bench", "--world-size", "2", "--optimizer", "cser-block", "--steps", "16",
          "--json"]
     )  # fmt: skip
     assert code == 0
