@@ -60,7 +60,7 @@ def min_devices(graph: OpGraph, memory: list[int]) -> int | None:
         return None
     total = int(graph.permanent.sum())
     acc = 0
-    for k, cap in enumerate(sorted(memory, reverse=True) * 1, start=1):
+    for k, cap in enumerate(sorted(memory, reverse=True), start=1):
         acc += cap
         if acc >= total:
             return k
@@ -127,7 +127,7 @@ def infeasible(
     else:
         msg = (
             f"{algorithm}: node {name!r} ({req:.3g} GiB) fits on no device; the memory lower "
-            f"bound is {need} devices of {cap:.3g} GiB but this placer needs more: add devices "
-            f"(at least {need + 1}) or memory"
+            f"bound is {need} devices of {cap:.3g} GiB, but this placer could not fit the "
+            f"model on {len(cluster)}: add devices or memory, or try another algorithm"
         )
     return InfeasiblePlacementError(msg, need)
