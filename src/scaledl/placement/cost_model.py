@@ -148,7 +148,11 @@ ROOFLINES = {
 def measure_seconds(
     fn: Callable[[], object], *, device=None, warmup: int = 2, repeats: int = 5
 ) -> float:
-    """Median seconds of ``fn()``: CUDA events on a GPU (no host sync per call), else a clock."""
+    """Median seconds of ``fn()``: CUDA events on a GPU (no host sync per call), else a clock.
+
+    On a GPU the result is at least the host time per call: an op whose kernels are shorter
+    than its Python/launch overhead costs the overhead in a real step.
+    """
     import torch
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -158,14 +162,16 @@ def measure_seconds(
         with torch.cuda.device(dev):
             torch.cuda.synchronize(dev)
             events = []
+            t0 = time.perf_counter()
             for _ in range(repeats):
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
                 fn()
                 e.record()
                 events.append((s, e))
+            host = (time.perf_counter() - t0) / repeats
             events[-1][1].synchronize()
-        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
+        return max(statistics.median(s.elapsed_time(e) / 1e3 for s, e in events), host)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
