@@ -4,15 +4,27 @@ EF-SGD, QSparse-local-SGD and local SGD, and AdaAlter / Local AdaAlter (arXiv 19
 All are ``torch.optim.Optimizer``s. The SGD-family classes wrap a local optimizer (momentum
 SGD), run its step on this rank's own gradient and then synchronise; use them without DDP
 (broadcast the initial parameters) or with DDP and ``opt.attach_ddp(ddp_model)``.
+
+Names are imported on first use, so ``scaledl --help`` does not pay for importing torch.
 """
 
-from scaledl.optim.adaalter import AdaAlter, LocalAdaAlter
-from scaledl.optim.averaging import averaged_model, broadcast_parameters
-from scaledl.optim.cser import CSER, overall_ratio
-from scaledl.optim.ef_sgd import EFSGD
-from scaledl.optim.local_sgd import LocalSGD
-from scaledl.optim.qsparse import QSparseLocalSGD
-from scaledl.optim.random_block import RandomBlock
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "AdaAlter": "scaledl.optim.adaalter",
+    "LocalAdaAlter": "scaledl.optim.adaalter",
+    "averaged_model": "scaledl.optim.averaging",
+    "broadcast_parameters": "scaledl.optim.averaging",
+    "CSER": "scaledl.optim.cser",
+    "overall_ratio": "scaledl.optim.cser",
+    "EFSGD": "scaledl.optim.ef_sgd",
+    "LocalSGD": "scaledl.optim.local_sgd",
+    "QSparseLocalSGD": "scaledl.optim.qsparse",
+    "RandomBlock": "scaledl.optim.random_block",
+}
 
 __all__ = [
     "CSER",
@@ -26,3 +38,24 @@ __all__ = [
     "broadcast_parameters",
     "overall_ratio",
 ]
+
+if TYPE_CHECKING:
+    from scaledl.optim.adaalter import AdaAlter, LocalAdaAlter
+    from scaledl.optim.averaging import averaged_model, broadcast_parameters
+    from scaledl.optim.cser import CSER, overall_ratio
+    from scaledl.optim.ef_sgd import EFSGD
+    from scaledl.optim.local_sgd import LocalSGD
+    from scaledl.optim.qsparse import QSparseLocalSGD
+    from scaledl.optim.random_block import RandomBlock
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'scaledl.optim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

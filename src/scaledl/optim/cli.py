@@ -7,14 +7,13 @@ import argparse
 import contextlib
 
 from scaledl.cli_utils import add_json_flag, emit, err_console, make_table
+from scaledl.optim.names import OPTIMIZERS
 
 #: per-optimizer defaults (learning rate tuned on the digits task; period H)
 _DEFAULT_PERIOD = {"cser": 16, "cser-block": 16, "qsparse": 8, "local-sgd": 8, "local-adaalter": 8}
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    from scaledl.optim.digits_task import OPTIMIZERS  # light: torch is imported lazily below
-
     sub = parser.add_subparsers(dest="optim_command", metavar="SUBCOMMAND")
     b = sub.add_parser(
         "bench",

@@ -26,24 +26,11 @@ from scaledl.optim.averaging import averaged_model, broadcast_parameters
 from scaledl.optim.cser import CSER, overall_ratio
 from scaledl.optim.ef_sgd import EFSGD
 from scaledl.optim.local_sgd import LocalSGD
+from scaledl.optim.names import OPTIMIZERS, PARTITIONS
 from scaledl.optim.qsparse import QSparseLocalSGD
 from scaledl.optim.random_block import RandomBlock
 
 __all__ = ["OPTIMIZERS", "RunSpec", "build_optimizer", "train_digits"]
-
-#: names accepted by :func:`build_optimizer` (and ``scaledl optim bench --optimizer``)
-OPTIMIZERS = (
-    "sgd",
-    "cser",
-    "cser-block",
-    "ef-sgd",
-    "qsparse",
-    "local-sgd",
-    "adagrad",
-    "adaalter",
-    "local-adaalter",
-)
-PARTITIONS = ("iid", "label-skew")
 
 
 @dataclass(frozen=True)
