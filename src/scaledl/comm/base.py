@@ -28,6 +28,8 @@ class Compressor(abc.ABC):
     #: domain, so one ``all_reduce`` can replace all-to-all + all-gather (casts, shared-seed
     #: random-k).
     allreduce_compatible: bool = False
+    #: for ``allreduce_compatible`` compressors: the dtype in which payloads are summed
+    wire_dtype: torch.dtype | None = None
 
     @abc.abstractmethod
     def payload_bytes(self, numel: int) -> int:
@@ -65,6 +67,7 @@ class IdentityCompressor(Compressor):
 
     name = "identity"
     allreduce_compatible = True
+    wire_dtype = torch.float32
 
     def payload_bytes(self, numel: int) -> int:
         return 4 * numel
@@ -84,6 +87,7 @@ class ZeroCompressor(Compressor):
 
     name = "zero"
     allreduce_compatible = True
+    wire_dtype = torch.float32
 
     def payload_bytes(self, numel: int) -> int:
         return 0

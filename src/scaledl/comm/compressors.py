@@ -406,9 +406,6 @@ class CastCompressor(Compressor):
         return f"CastCompressor({self.name!r})"
 
 
-IdentityCompressor.wire_dtype = torch.float32  # type: ignore[attr-defined]
-ZeroCompressor.wire_dtype = torch.float32  # type: ignore[attr-defined]
-
 # ------------------------------------------------------------------------------ registry
 _REGISTRY: dict[str, Callable[..., Compressor]] = {
     "identity": IdentityCompressor,

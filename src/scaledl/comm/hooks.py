@@ -424,7 +424,7 @@ def _allreduce(
     _zero_padding(bs.worker.error, bs.numel)
     t0 = state._tick("compress", t0, g.device)
     if n > 1 and payload.numel():
-        values = payload.view(getattr(state.compressor, "wire_dtype", torch.float32))
+        values = payload.view(state.compressor.wire_dtype or torch.float32)
         dist.all_reduce(values, group=state.process_group)
         payload = values.view(torch.uint8)
         state.stats.record("all_reduce", _ring_allreduce_bytes(payload.numel(), n), 0)
