@@ -50,9 +50,9 @@ from scaledl.medical.recist_train import (
     TrainingClock,
     evaluate_boxes,
     evaluate_recist,
-    flip_points,
     images_tensor,
     predict_recist,
+    sample_batch,
     train_recist,
 )
 
@@ -164,16 +164,9 @@ def train_retinanet(det, ds, x_all, *, steps, batch, lr, seed, device, time_limi
     for step in range(steps):
         if not clock.set_lr(opt, lr, step):
             break
-        idx = rng.integers(0, len(ds), batch)
-        x = x_all[torch.as_tensor(idx, device=x_all.device)].to(device)
+        x, batch_points = sample_batch(ds, x_all, rng, batch, device)
         targets = []
-        for j, i in enumerate(idx):
-            hf, vf = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
-            if hf:
-                x[j] = x[j].flip(-1)
-            if vf:
-                x[j] = x[j].flip(-2)
-            pts = flip_points(ds.train_points(int(i)), W, H, hf, vf)
+        for pts in batch_points:
             boxes = np.zeros((0, 4), np.float32)
             if len(pts):
                 boxes = np.concatenate(
@@ -264,6 +257,8 @@ def main() -> None:
     )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for both detectors
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     x_train = images_tensor(train, device=device)
     x_tests = {"easy": images_tensor(test_easy), "hard": images_tensor(test_hard)}

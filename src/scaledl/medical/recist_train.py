@@ -73,6 +73,30 @@ def flip_points(points: np.ndarray, width: int, height: int, hflip: bool, vflip:
     return canonicalize_recist(p) if len(p) else p
 
 
+def sample_batch(
+    ds: LesionDataset,
+    x_all: torch.Tensor,
+    rng: np.random.Generator,
+    batch_size: int,
+    device: Any,
+    augment: bool = True,
+) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """A random batch of windowed images and their *labelled* endpoints, each image flipped
+    horizontally and/or vertically with probability 1/2 when ``augment``."""
+    H, W = x_all.shape[-2:]
+    idx = rng.integers(0, len(ds), batch_size)
+    x = x_all[torch.as_tensor(idx, device=x_all.device)].to(device)
+    pts = []
+    for j, i in enumerate(idx):
+        hf, vf = (bool(rng.random() < 0.5), bool(rng.random() < 0.5)) if augment else (0, 0)
+        if hf:
+            x[j] = x[j].flip(-1)
+        if vf:
+            x[j] = x[j].flip(-2)
+        pts.append(flip_points(ds.train_points(int(i)), W, H, bool(hf), bool(vf)))
+    return x, pts
+
+
 def train_recist(
     model: RECISTNet,
     ds: LesionDataset,
@@ -116,16 +140,7 @@ def train_recist(
     for step in it:
         if not clock.set_lr(opt, lr, step):
             break
-        idx = rng.integers(0, len(ds), batch_size)
-        x = x_all[torch.as_tensor(idx, device=x_all.device)].to(dev)
-        pts = []
-        for j, i in enumerate(idx):
-            hf, vf = (bool(rng.random() < 0.5), bool(rng.random() < 0.5)) if augment else (0, 0)
-            if hf:
-                x[j] = x[j].flip(-1)
-            if vf:
-                x[j] = x[j].flip(-2)
-            pts.append(flip_points(ds.train_points(int(i)), W, H, bool(hf), bool(vf)))
+        x, pts = sample_batch(ds, x_all, rng, batch_size, dev, augment)
         targets = model.encode(pts, (H, W))
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(x)
