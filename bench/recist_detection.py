@@ -243,13 +243,12 @@ def main() -> None:
     bgs = load_backgrounds(BACKGROUNDS)
     if cfg["size"] != 256:
         bgs = resize_backgrounds(bgs, cfg["size"])
-    (train, test_easy, test_hard), t_data = _timed(
-        lambda: (
-            make_split(cfg["n_train"], "mixed", args.seed + 1, bgs, args.missing_labels, workers),
-            make_split(cfg["n_test"], "easy", args.seed + 2, bgs, 0.0, workers),
-            make_split(cfg["n_test"], "hard", args.seed + 3, bgs, 0.0, workers),
-        )
-    )
+    # data first and timed without CUDA calls: the worker processes must not inherit a context
+    t0 = time.perf_counter()
+    train = make_split(cfg["n_train"], "mixed", args.seed + 1, bgs, args.missing_labels, workers)
+    test_easy = make_split(cfg["n_test"], "easy", args.seed + 2, bgs, 0.0, workers)
+    test_hard = make_split(cfg["n_test"], "hard", args.seed + 3, bgs, 0.0, workers)
+    t_data = time.perf_counter() - t0
     print(
         f"data: {len(train)} train / {len(test_easy)} easy / {len(test_hard)} hard slices "
         f"({cfg['size']}^2), {train.n_lesions()} / {test_easy.n_lesions()} / "
@@ -257,8 +256,7 @@ def main() -> None:
     )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for both detectors
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for both detectors
     torch.manual_seed(args.seed)
     x_train = images_tensor(train, device=device)
     x_tests = {"easy": images_tensor(test_easy), "hard": images_tensor(test_hard)}

@@ -51,8 +51,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", type=float, nargs="+", default=None, help="mm/px for .npy input")
     p.add_argument("--min-score", type=float, default=0.3, help="report detections above this")
     p.add_argument("--png", default=None, help="draw the first input's detections into a PNG")
-    p.add_argument("--k", type=int, default=16)
-    p.add_argument("--device", default=None)
+    p.add_argument("--k", type=int, default=16, help="peaks per keypoint map")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     add_json_flag(p)
     p.set_defaults(func=_predict)
 
