@@ -146,6 +146,7 @@ def trace(
     # Running the nodes updates buffers such as BatchNorm statistics: restore them afterwards.
     buffers = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
     owner: dict[int, str] = {}  # parameter id -> first node using it
+    trainable_params: list[torch.Tensor] = []
     group_of: dict[str, str] = {}
     env: dict[str, Any] = {}
     specs: list[OpSpec] = []
@@ -243,14 +244,16 @@ def trace(
                     repeats=repeats,
                 )
         env[node.name] = out
+        opt_s = roofline(10 * trainable // 4, 7 * trainable) if trainable else 0.0
+        trainable_params += [p for p in new if p.requires_grad]
         specs.append(
             OpSpec(
                 name=node.name,
                 inputs=preds,
                 forward_s=fwd_s if node.op != "placeholder" else 0.0,
                 backward_s=bwd_s,
-                # An Adam-like step reads parameter, gradient and two states, writes three.
-                optimizer_s=roofline(10 * trainable // 4, 7 * trainable) if trainable else 0.0,
+                # An Adam step reads the parameter, its gradient and two states, writes three.
+                optimizer_s=opt_s,
                 param_bytes=p_bytes,
                 trainable_bytes=trainable,
                 out_bytes=out_bytes,
@@ -262,6 +265,12 @@ def trace(
     with torch.no_grad():
         for b, value in buffers:
             b.copy_(value)
+    if measure and trainable_params:
+        # One (foreach) Adam step over all parameters, as in training, shared out by bytes.
+        total = _measure_adam(trainable_params, device, repeats)
+        nbytes = sum(s.trainable_bytes for s in specs)
+        for s in specs:
+            s.optimizer_s = total * s.trainable_bytes / nbytes
     for s in specs:
         s.group = group_of.get(s.name)
     return TracedModel(
@@ -272,6 +281,19 @@ def trace(
         backward_factor=backward_factor,
         info={"profiled": measure, "fx_nodes": len(specs), "leaf_modules": tuple(leaf_modules)},
     )
+
+
+def _measure_adam(params: list[torch.Tensor], device, repeats: int) -> float:
+    """Time of an Adam step over ``params`` (lr 0, zero gradients: the values do not change)."""
+    old = [p.grad for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        opt = torch.optim.Adam(params, lr=0.0)
+        return measure_seconds(opt.step, device=device, repeats=repeats)
+    finally:
+        for p, g in zip(params, old):
+            p.grad = g
 
 
 def _target_name(node: fx.Node) -> str:
