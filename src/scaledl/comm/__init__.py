@@ -1,26 +1,44 @@
-"""Compressed gradient communication (BytePS-Compress, arXiv 2105.07829)."""
+"""Compressed gradient communication (BytePS-Compress, arXiv 2105.07829).
 
-from scaledl.comm.accounting import CommStats, interface_bytes
-from scaledl.comm.base import Compressor, IdentityCompressor, ZeroCompressor
-from scaledl.comm.clan import CLAN, LANS, lans_param_groups
-from scaledl.comm.compressors import (
-    CastCompressor,
-    DitheringCompressor,
-    OneBitCompressor,
-    RandomKCompressor,
-    TopKCompressor,
-    available_compressors,
-    derive_key,
-    get_compressor,
-)
-from scaledl.comm.error_feedback import EF_MODES, ErrorFeedback, compress_shards
-from scaledl.comm.hooks import (
-    MODES,
-    CompressionState,
-    compression_hook,
-    register_compression,
-    replica_divergence,
-)
+Compressors with fixed-size payloads (:mod:`~scaledl.comm.compressors`), error feedback
+(:mod:`~scaledl.comm.error_feedback`), the two-way DDP communication hook
+(:mod:`~scaledl.comm.hooks`), the CLAN optimizer (:mod:`~scaledl.comm.clan`) and byte
+accounting (:mod:`~scaledl.comm.accounting`). See docs/comm.md.
+
+Names are imported on first use, so ``scaledl --help`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "CommStats": "scaledl.comm.accounting",
+    "interface_bytes": "scaledl.comm.accounting",
+    "Compressor": "scaledl.comm.base",
+    "IdentityCompressor": "scaledl.comm.base",
+    "ZeroCompressor": "scaledl.comm.base",
+    "CLAN": "scaledl.comm.clan",
+    "LANS": "scaledl.comm.clan",
+    "lans_param_groups": "scaledl.comm.clan",
+    "CastCompressor": "scaledl.comm.compressors",
+    "DitheringCompressor": "scaledl.comm.compressors",
+    "OneBitCompressor": "scaledl.comm.compressors",
+    "RandomKCompressor": "scaledl.comm.compressors",
+    "TopKCompressor": "scaledl.comm.compressors",
+    "available_compressors": "scaledl.comm.compressors",
+    "derive_key": "scaledl.comm.compressors",
+    "get_compressor": "scaledl.comm.compressors",
+    "EF_MODES": "scaledl.comm.error_feedback",
+    "ErrorFeedback": "scaledl.comm.error_feedback",
+    "compress_shards": "scaledl.comm.error_feedback",
+    "MODES": "scaledl.comm.hooks",
+    "CompressionState": "scaledl.comm.hooks",
+    "compression_hook": "scaledl.comm.hooks",
+    "register_compression": "scaledl.comm.hooks",
+    "replica_divergence": "scaledl.comm.hooks",
+}
 
 __all__ = [
     "CLAN",
@@ -48,3 +66,38 @@ __all__ = [
     "register_compression",
     "replica_divergence",
 ]
+
+if TYPE_CHECKING:
+    from scaledl.comm.accounting import CommStats, interface_bytes
+    from scaledl.comm.base import Compressor, IdentityCompressor, ZeroCompressor
+    from scaledl.comm.clan import CLAN, LANS, lans_param_groups
+    from scaledl.comm.compressors import (
+        CastCompressor,
+        DitheringCompressor,
+        OneBitCompressor,
+        RandomKCompressor,
+        TopKCompressor,
+        available_compressors,
+        derive_key,
+        get_compressor,
+    )
+    from scaledl.comm.error_feedback import EF_MODES, ErrorFeedback, compress_shards
+    from scaledl.comm.hooks import (
+        MODES,
+        CompressionState,
+        compression_hook,
+        register_compression,
+        replica_divergence,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'scaledl.comm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
