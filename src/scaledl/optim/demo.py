@@ -1,19 +1,19 @@
-"""``scaledl demo`` entry for CSER / Local AdaAlter: 4 gloo ranks train an MLP on digits with
+"""``scaledl demo`` entry for CSER / Local AdaAlter: 2 gloo ranks train an MLP on digits with
 synchronous SGD, CSER (~33x fewer bytes) and Local AdaAlter (H = 8), side by side."""
 
 from __future__ import annotations
 
 from scaledl.demo import DemoResult
 
-WORLD, STEPS = 4, 150
+WORLD, STEPS = 2, 150
 
 
 def run_demo() -> DemoResult:
     from scaledl.optim.digits_task import RunSpec, run_local
 
     specs = [
-        RunSpec("sgd", 0.2, "sync SGD", warmup_steps=20),
-        RunSpec("cser-block", 0.2, "CSER", period=16, r1=64, r2=4, warmup_steps=20),
+        RunSpec("sgd", 0.1, "sync SGD", warmup_steps=20),
+        RunSpec("cser-block", 0.1, "CSER", period=16, r1=64, r2=4, warmup_steps=20),
         RunSpec("local-adaalter", 0.2, "Local AdaAlter", period=8, warmup_steps=20),
     ]
     sgd, cser, ada = run_local(specs, WORLD, STEPS, timeout_s=120)
