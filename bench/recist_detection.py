@@ -227,6 +227,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps per detector")
     ap.add_argument("--time-limit", type=float, default=None, help="training seconds cap each")
     ap.add_argument("--missing-labels", type=float, default=0.0, help="drop rate of train labels")
+    ap.add_argument(
+        "--center-mode",
+        default="intersection",
+        choices=["intersection", "bbox", "mean"],
+        help="RECIST-Net centre definition (ablation)",
+    )
     ap.add_argument("--workers", type=int, default=None, help="data generation processes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
@@ -264,7 +270,8 @@ def main() -> None:
 
     results: dict[str, dict] = {"config": cfg, "device": str(device)}
     # --- RECIST-Net
-    model = RECISTNet(width=cfg["width"], stride=cfg["stride"])
+    model = RECISTNet(width=cfg["width"], stride=cfg["stride"], center_mode=args.center_mode)
+    cfg["center_mode"] = args.center_mode
     rn_losses, t_rn = _timed(
         lambda: train_recist(
             model, train, steps=cfg["steps"], batch_size=cfg["batch"], lr=cfg["lr"],
