@@ -277,9 +277,15 @@ def _rank_job(
     out = {}
     for label, kind, opts in configs:
         phase_steps = 3 if shape_cmds is None else 0
-        out[label] = _run_config(
-            kind, opts, shape, lr, steps, max_seconds, device, shape_cmds, phase_steps
-        )
+        try:
+            out[label] = _run_config(
+                kind, opts, shape, lr, steps, max_seconds, device, shape_cmds, phase_steps
+            )
+        except Exception as exc:  # e.g. out of memory: keep the other configurations
+            if shape_cmds is not None and dist.get_rank() == 0:
+                subprocess.run(shape_cmds[1], capture_output=True)
+            out[label] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+            dist.barrier()
         gc.collect()  # free the previous model before building the next
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -418,16 +424,23 @@ def main() -> None:
         )
 
     curve = results["unshaped"]
+    if "error" in curve["DDP fp32"]:
+        raise RuntimeError(f"the fp32 DDP reference failed: {curve['DDP fp32']['error']}")
     ref = curve["DDP fp32"]["losses"]
     target = sum(ref[-5:]) / 5
     rows, records = [], []
     for link, res in results.items():
-        dense_step = res["DDP fp32"]["median_step_s"]
+        dense_step = res["DDP fp32"].get("median_step_s")  # None if the reference failed
         for label, _, _ in configs:
             r = res[label]
+            if "error" in r or "error" in curve[label]:
+                err = r.get("error") or curve[label]["error"]
+                records.append({"link": link, "config": label, "error": err})
+                rows.append([link, label, f"error: {err}", *[None] * 6])
+                continue
             to_target = _steps_to_target(curve[label]["losses"], target)
             ttt = None
-            if to_target is not None:
+            if to_target is not None and dense_step is not None:
                 dense = min(START_ITER, to_target)
                 ttt = dense * dense_step + (to_target - dense) * r["median_step_s"]
             rec = {
@@ -435,7 +448,7 @@ def main() -> None:
                 "config": label,
                 "median_step_s": r["median_step_s"],
                 "steps_per_s": 1.0 / r["median_step_s"],
-                "speedup_vs_ddp_fp32": dense_step / r["median_step_s"],
+                "speedup_vs_ddp_fp32": dense_step / r["median_step_s"] if dense_step else None,
                 "timed_steps": r["timed_steps"],
                 "final_loss": sum(curve[label]["losses"][-5:]) / 5,
                 "steps_to_target": to_target,
@@ -490,7 +503,7 @@ def main() -> None:
             r["phase_s_per_step"]["compress"] / r["phase_s_per_step"]["step_total"],
         ]
         for r in records
-        if r["link"] == "unshaped" and r["phase_s_per_step"]
+        if r["link"] == "unshaped" and r.get("phase_s_per_step")
     ]
     if phase_rows:
         print_table(
