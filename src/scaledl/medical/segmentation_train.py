@@ -191,23 +191,32 @@ class TemplateBank:
             torch.as_tensor(data.labels, device=self.device), data.num_classes
         )
         self.medoid = medoid_index(data.labels, data.num_classes)
-        self._emb: torch.Tensor | None = None
 
+    @torch.no_grad()
     def embeddings(self, model: ShapePriorNet, batch_size: int = 32) -> torch.Tensor:
-        """L2-normalised image-encoder embeddings of the templates (computed once)."""
-        if self._emb is None:
-            with torch.no_grad():
-                embs = [
-                    model.embed(self.images[i : i + batch_size])
-                    for i in range(0, len(self.data), batch_size)
-                ]
-            self._emb = F.normalize(torch.cat(embs), dim=1)
-        return self._emb
+        """L2-normalised image-encoder embeddings of the templates under ``model``.
 
+        Not cached on the bank: one bank serves several models (and models change in
+        training); :func:`predict_proba` computes them once per call."""
+        model.eval()
+        embs = [
+            model.embed(self.images[i : i + batch_size])
+            for i in range(0, len(self.data), batch_size)
+        ]
+        return F.normalize(torch.cat(embs), dim=1)
+
+    @torch.no_grad()
     def select(
-        self, model: ShapePriorNet, images: torch.Tensor, mode: str = "ensemble", k: int = 5
+        self,
+        model: ShapePriorNet,
+        images: torch.Tensor,
+        mode: str = "ensemble",
+        k: int = 5,
+        embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Template indices (B, n) for ``images``: n = 1 for fixed/nearest, k for ensemble."""
+        """Template indices (B, n) for ``images``: n = 1 for fixed/nearest, k for ensemble.
+
+        ``embeddings`` (from :meth:`embeddings`) avoids re-encoding the templates."""
         if mode not in TEMPLATE_MODES:
             raise ValueError(f"template mode must be one of {TEMPLATE_MODES}, got {mode!r}")
         b = images.shape[0]
@@ -216,10 +225,9 @@ class TemplateBank:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         n = 1 if mode == "nearest" else min(k, len(self.data))
-        with torch.no_grad():
-            q = F.normalize(model.embed(images), dim=1)
-        sim = q @ self.embeddings(model).T
-        return sim.topk(n, dim=1).indices
+        emb = self.embeddings(model) if embeddings is None else embeddings
+        q = F.normalize(model.embed(images), dim=1)
+        return (q @ emb.T).topk(n, dim=1).indices
 
 
 @torch.no_grad()
@@ -235,13 +243,16 @@ def predict_proba(
     """Class probabilities (N, K + 1, H, W) on CPU; ShapePriorNet needs a template ``bank``."""
     model.to(device).eval()
     x_all = torch.as_tensor(images)
+    emb = None
+    if uses_template(model) and bank is not None and mode != "fixed":
+        emb = bank.embeddings(model, batch_size)
     out = []
     for i in range(0, x_all.shape[0], batch_size):
         x = x_all[i : i + batch_size].to(device)
         if uses_template(model):
             if bank is None:
                 raise ValueError("a ShapePriorNet needs a TemplateBank to predict")
-            idx = bank.select(model, x, mode, k)
+            idx = bank.select(model, x, mode, k, emb)
             p = model.predict_proba(x, bank.images[idx], bank.masks[idx])
         else:
             p = torch.softmax(model(x), 1)
