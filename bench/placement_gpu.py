@@ -200,6 +200,8 @@ def measure_step(
         }
     except torch.cuda.OutOfMemoryError as exc:
         return {"step_s": None, "error": f"OOM: {str(exc).splitlines()[0][:80]}"}
+    except Exception as exc:  # one failing placement must not end the whole comparison
+        return {"step_s": None, "error": f"{type(exc).__name__}: {str(exc)[:80]}"}
     finally:
         gc.collect()
         if cuda:
@@ -302,7 +304,7 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
                 label,
                 len(rec["devices_used"]),
                 "yes" if rec["fits_cap"] else "no",
-                f"{meas['step_s'] * 1e3:.2f}" if meas["step_s"] else meas["error"],
+                f"{meas['step_s'] * 1e3:.2f}" if meas["step_s"] else meas["error"][:30],
                 f"{sims[args.contention].makespan * 1e3:.2f}",
                 f"{fid[args.contention]:.1%}" if fid[args.contention] is not None else "-",
                 f"{cand['placement_s']:.3f}" if cand.get("placement_s") is not None else "-",
