@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from typing import Any
 
 from scaledl.cli_utils import add_json_flag, emit, err_console, make_table
@@ -41,23 +42,24 @@ def _bench(args: argparse.Namespace) -> int:
         mode = "allreduce"
     else:
         mode = "one_way"
-    err_console.print(
+    what = (
         f"training the digits MLP on {args.world_size} gloo rank(s), {args.steps} steps, "
-        f"compressor {args.compressor} ({mode if name else 'dense'}) ..."
+        f"compressor {args.compressor} ({mode if name else 'dense'})"
     )
-    runs = launch(
-        train_digits,
-        args.world_size,
-        name,
-        compressor_kwargs=opts,
-        mode=mode,
-        ef=args.ef,
-        steps=args.steps,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        timeout_s=max(120.0, 2.0 * args.steps),
-    )
+    with err_console.status(what, spinner="dots") if not args.json else nullcontext():
+        runs = launch(
+            train_digits,
+            args.world_size,
+            name,
+            compressor_kwargs=opts,
+            mode=mode,
+            ef=args.ef,
+            steps=args.steps,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            seed=args.seed,
+            timeout_s=max(120.0, 2.0 * args.steps),
+        )
     first = runs[0]
     stats = first.get("stats")
     params = first["params"]
