@@ -225,7 +225,7 @@ def main() -> int:
         "lr": args.lr,
         "ada_lr": args.ada_lr,
         "ada_init": args.ada_init,
-        "budget_s": args.budget_s or (30.0 if cuda else 6.0),
+        "budget_s": args.budget_s or (25.0 if cuda else 6.0),
         "max_steps": 5000 if cuda else 400,
         "eval_every_s": args.eval_every_s or (1.5 if cuda else 0.5),
         "target_loss": args.target_loss,
