@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size (default 16; quick 4)")
     p.add_argument("--seeds", type=int, help="training seeds (default 3; quick 1)")
     p.add_argument("--features", type=int, nargs=5, help="encoder widths")
+    p.add_argument("--fusion", default="gate", choices=["concat", "gate", "both"])
     p.add_argument("--lungs", default="auto", choices=["auto", "torchxrayvision", "parametric"])
     p.add_argument("--workers", type=int, help="processes computing HD95 (default: CPUs - 2)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -75,14 +76,15 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def build_models(features: list[int], k: int) -> dict[str, torch.nn.Module]:
+def build_models(features: list[int], k: int, fusion: str) -> dict[str, torch.nn.Module]:
     """The same 5-stage backbone without a template (MONAI BasicUNet) and with one."""
     from monai.networks.nets import BasicUNet
 
+    spn = {"features": features, "fusion": fusion}
     return {
         "BasicUNet": BasicUNet(2, 1, k + 1, features=(*features, features[0])),
-        "SPN-prototype": ShapePriorNet(k, features=features, attention="prototype"),
-        "SPN-dense": ShapePriorNet(k, features=features, attention="dense", dense_scales=2),
+        "SPN-prototype": ShapePriorNet(k, attention="prototype", **spn),
+        "SPN-dense": ShapePriorNet(k, attention="dense", dense_scales=2, **spn),
     }
 
 
@@ -137,7 +139,7 @@ def main() -> None:
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             bank = TemplateBank(train, device=args.device)
-            for model_name, model in build_models(args.features, k).items():
+            for model_name, model in build_models(args.features, k, args.fusion).items():
                 cfg = TrainConfig(iterations=args.iters, batch_size=args.batch, seed=seed)
                 t0 = time.perf_counter()
                 losses = train_segmenter(model, train, cfg, device=args.device)

@@ -232,7 +232,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     t.add_argument("--features", type=int, nargs=5, default=[8, 16, 32, 64, 128])
     t.add_argument("--attention", default="prototype", choices=["prototype", "dense", "max"])
-    t.add_argument("--fusion", default="concat", choices=["concat", "gate", "both"])
+    t.add_argument("--fusion", default="gate", choices=["concat", "gate", "both"])
     t.add_argument("--share-weights", action="store_true", help="share encoder stages 2-5")
     t.set_defaults(func=_train)
 

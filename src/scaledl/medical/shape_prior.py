@@ -143,7 +143,7 @@ class ShapePriorNet(nn.Module):
         features: Sequence[int] = (32, 64, 128, 256, 512),
         attention: str = "prototype",
         dense_scales: int = 2,
-        fusion: str = "concat",
+        fusion: str = "gate",
         share_weights: bool = False,
         mask_as_separate_stream: bool = False,
         tau: float = 10.0,
