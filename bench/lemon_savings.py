@@ -3,7 +3,8 @@
 For each task (a ViT on procedural 32x32 shape images, a BERT-style byte-level masked LM on the
 Python standard library's source text), in one run:
 
-1. train a small model S; train the large model T from scratch for N steps -> final loss l*;
+1. train a small model S (2N steps); train the large model T from scratch for N steps -> final
+   eval loss l*;
 2. expand S to T's size with LEMON (canceling new layers), LEMON with zero-output new layers,
    and symmetric Net2Net-style duplication; train each with the LEMON schedule (same peak LR,
    fresh AdamW, cosine compressed into a budget of f * N steps, for several f);
@@ -41,6 +42,9 @@ from scaledl.expansion import (
     lemon_schedule,
 )
 
+#: The small model trains this many times N steps (closer to convergence, as in the paper,
+#: where the source model is fully pre-trained); --quick keeps N.
+SMALL_STEPS_FACTOR = {False: 2, True: 1}
 MASK_ID = 256  # byte-level MLM: 256 byte values + one [MASK] symbol
 VARIANTS = {
     # name: (expand() keyword arguments, description)
@@ -234,6 +238,11 @@ def train(
     return curve
 
 
+def loss_at(curve: list[tuple[int, float]], step: int) -> float:
+    """The last evaluated loss at or before ``step``."""
+    return [loss for s, loss in curve if s <= step][-1]
+
+
 def first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, loss in curve if loss <= target), None)
 
@@ -271,7 +280,7 @@ def make_setup(task: str, quick: bool, steps: int | None) -> Setup:
         hidden=small.hidden_size * 2,
         layers=small.num_hidden_layers * 2,
         steps=n,
-        small_steps=n,
+        small_steps=n * SMALL_STEPS_FACTOR[quick],
         batch=batch,
         lr=lr,
         weight_decay=wd,
@@ -312,7 +321,7 @@ def seconds_per_step(model: torch.nn.Module, task: Task, amp: bool, n: int = 10)
 def fit_steps(setup: Setup, t_small: float, t_large: float, seconds: float) -> int:
     """The largest from-scratch budget N (multiple of 100) whose runs fit in ``seconds``."""
     large_runs = 1 + sum(sum(variant_budgets(v, setup)) for v in VARIANTS)
-    per_n = t_small + t_large * large_runs * 1.1  # ~10% for evaluation
+    per_n = t_small * SMALL_STEPS_FACTOR[False] + t_large * large_runs * 1.1  # +10%: evaluation
     return int(min(setup.steps, max(300, seconds / per_n)) // 100 * 100)
 
 
@@ -341,7 +350,9 @@ def run_task(
             "large_s_per_step": seconds_per_step(scratch, task, amp),
         }
         n = fit_steps(setup, timing["small_s_per_step"], timing["large_s_per_step"], seconds)
-        setup = replace(setup, steps=n, small_steps=n, eval_every=max(10, n // 40))
+        setup = replace(
+            setup, steps=n, small_steps=n * SMALL_STEPS_FACTOR[False], eval_every=max(10, n // 40)
+        )
         task.setup = setup
         print(f"  [{name}] step times {timing}; from-scratch budget N = {n}", flush=True)
     flops_t = train_flops(scratch, setup.batch, seq)
@@ -352,7 +363,7 @@ def run_task(
     del scratch
     small_cpu = small.float().cpu().eval()
     small_flops = setup.small_steps * flops_s
-    rows = [["scratch (large)", setup.steps, f"{target:.4f}", setup.steps, "0%", "0%", "-"]]
+    rows = [["scratch (large)", setup.steps, f"{target:.4f}", "-", setup.steps, "0%", "0%", "-"]]
     results: dict[str, dict] = {}
     for variant, (kwargs, description) in VARIANTS.items():
         grown = expand(small_cpu, hidden_size=setup.hidden, num_layers=setup.layers, **kwargs)
@@ -365,6 +376,8 @@ def run_task(
                 "steps": budget,
                 "final_loss": curve[-1][1],
                 "first_reach": first_reach(curve, target),
+                # the from-scratch model's loss after the same number of steps (equal compute)
+                "scratch_loss_at_same_steps": loss_at(scratch_curve, budget),
                 "curve": curve,
             }
         reached = [b["first_reach"] for b in budgets.values() if b["first_reach"] is not None]
@@ -391,6 +404,7 @@ def run_task(
                 variant,
                 "/".join(str(b["steps"]) for b in budgets.values()),
                 "/".join(f"{b['final_loss']:.4f}" for b in budgets.values()),
+                "/".join(f"{b['scratch_loss_at_same_steps']:.4f}" for b in budgets.values()),
                 steps_needed if steps_needed is not None else "not reached",
                 _pct(res.get("saved_excluding_small")),
                 _pct(res.get("saved_including_small")),
@@ -406,6 +420,7 @@ def run_task(
             "init",
             "budget steps",
             "final loss",
+            "scratch, same steps",
             "steps to l*",
             "saved (excl S)",
             "saved (incl S, FLOPs)",
