@@ -72,13 +72,18 @@ def gather_rows(
     """
     if residue not in ("avg", "zero"):
         raise ValueError(f"residue must be 'avg' or 'zero', got {residue!r}")
-    x = _to_last(w, dim)
-    out = torch.index_select(x, -1, index_map.clamp(min=0))
-    res = index_map < 0
-    if res.any():
-        fill = x.mean(-1, keepdim=True) if residue == "avg" else torch.zeros_like(x[..., :1])
-        out[..., res] = fill.expand(*x.shape[:-1], int(res.sum()))
-    return out.movedim(-1, dim)
+    dim = dim % w.dim()
+    # Selecting along ``dim`` directly keeps the result contiguous (fast later passes).
+    out = torch.index_select(w, dim, index_map.clamp(min=0))
+    res = torch.nonzero(index_map < 0).flatten()
+    if res.numel():
+        fill = (
+            w.mean(dim, keepdim=True) if residue == "avg" else torch.zeros_like(w.narrow(dim, 0, 1))
+        )
+        shape = list(out.shape)
+        shape[dim] = res.numel()
+        out.index_copy_(dim, res, fill.expand(shape))
+    return out
 
 
 def split_cols(
@@ -101,22 +106,24 @@ def split_cols(
     all_valid = bool(valid.all())
     src_idx = index_map.clamp(min=0)
     counts = copy_counts(index_map, n_src).to(x.dtype).clamp(min=1)
-    # index_select, in-place updates and skipping empty masks keep BERT-base sizes fast.
-    out = torch.index_select(x / counts, -1, src_idx)
-    if rand is not None:
-        r = _to_last(rand, dim).to(x.dtype)
-        if scale != 1.0:
-            r = r * scale
-        sums = torch.zeros(*r.shape[:-1], n_src, dtype=x.dtype, device=x.device)
-        sums.index_add_(
-            -1, index_map if all_valid else index_map[valid], r if all_valid else r[..., valid]
-        )
-        out += r
-        out -= torch.index_select(sums / counts, -1, src_idx)
+    if rand is None:
+        out = torch.index_select(x / counts, -1, src_idx)
         if not all_valid:
-            out[..., ~valid] = r[..., ~valid]
-    elif not all_valid:
-        out[..., ~valid] = 0
+            out[..., ~valid] = 0
+        return out.movedim(-1, dim)
+    r = _to_last(rand, dim).to(x.dtype)
+    if scale != 1.0:
+        r = r * scale
+    sums = torch.zeros(*r.shape[:-1], n_src, dtype=x.dtype, device=x.device)
+    if all_valid:
+        sums.index_add_(-1, index_map, r)
+    else:
+        sums.index_add_(-1, index_map[valid], r[..., valid])
+    # (w_s - sum_C R) / n_s is source-sized: one target-sized gather plus one add.
+    out = torch.index_select((x - sums) / counts, -1, src_idx)
+    out += r
+    if not all_valid:
+        out[..., ~valid] = r[..., ~valid]
     return out.movedim(-1, dim)
 
 
