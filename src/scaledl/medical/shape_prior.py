@@ -91,11 +91,11 @@ class _Encoder(nn.Module):
 class _Fusion(nn.Module):
     """Fuse K attention maps into C image channels: concat (1x1 conv), gate, or both."""
 
-    def __init__(self, channels: int, num_classes: int, mode: str) -> None:
+    def __init__(self, channels: int, num_classes: int, mode: str, gate_init: float = 1.0) -> None:
         super().__init__()
         self.mode = mode
         if mode in ("gate", "both"):
-            self.gate_weight = nn.Parameter(torch.ones(num_classes))
+            self.gate_weight = nn.Parameter(torch.full((num_classes,), float(gate_init)))
         if mode in ("concat", "both"):
             self.proj = nn.Conv2d(channels + num_classes, channels, kernel_size=1)
             # start near the identity on the image features, so the network begins close to a
@@ -130,6 +130,8 @@ class ShapePriorNet(nn.Module):
         mask_as_separate_stream: encode the template image alone (masks used only in the
             attention, the SG-One way); with ``share_weights`` the encoders are fully shared.
         tau: initial temperature of dense attention (learned in log space).
+        gate_init: initial gate weights w_k (learned); larger values make the attention
+            modulate the image features more strongly from the start.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -147,6 +149,7 @@ class ShapePriorNet(nn.Module):
         share_weights: bool = False,
         mask_as_separate_stream: bool = False,
         tau: float = 10.0,
+        gate_init: float = 1.0,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -175,6 +178,7 @@ class ShapePriorNet(nn.Module):
             "share_weights": share_weights,
             "mask_as_separate_stream": mask_as_separate_stream,
             "tau": tau,
+            "gate_init": gate_init,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -205,7 +209,7 @@ class ShapePriorNet(nn.Module):
             self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
         else:
             self.register_parameter("log_tau", None)
-        self.fusions = nn.ModuleList(_Fusion(c, num_classes, fusion) for c in f)
+        self.fusions = nn.ModuleList(_Fusion(c, num_classes, fusion, gate_init) for c in f)
         self.decoder = nn.ModuleList(
             UpCat(in_chns=f[i], cat_chns=f[i - 1], out_chns=f[i - 1], **blk) for i in (4, 3, 2, 1)
         )
