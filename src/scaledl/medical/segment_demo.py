@@ -10,7 +10,7 @@ import numpy as np
 from scaledl.demo import DemoResult
 
 #: Small enough for about 30 s on two CPU cores.
-SIZE, N_TRAIN, N_TEST, ITERS = 64, 40, 12, 70
+SIZE, N_TRAIN, N_TEST, ITERS = 64, 40, 12, 60
 
 
 def run_demo() -> DemoResult:
