@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table, save_results
 
-from scaledl.medical.froc_eval import DEFAULT_FP_RATES
+from scaledl.medical.froc_eval import DEFAULT_FP_RATES, froc_curve
 from scaledl.medical.lesion_data import (
     LesionDataset,
     load_backgrounds,
@@ -75,8 +75,9 @@ def _chunk(args: tuple) -> LesionDataset:
 
 
 def make_split(n, split, seed, bgs, missing=0.0, workers=1) -> LesionDataset:
-    """Deterministic for a given (n, seed, workers): chunk c uses seed * 1000 + c."""
-    n_chunks = max(1, min(workers * 2, math.ceil(n / 16)))
+    """Deterministic for a given (n, seed) on any machine: chunks of at most 16 slices, chunk
+    c seeded with seed * 1000 + c, whatever the number of worker processes."""
+    n_chunks = max(1, math.ceil(n / 16))
     sizes = [n // n_chunks + (c < n % n_chunks) for c in range(n_chunks)]
     jobs = [(m, split, seed * 1000 + c, bgs, missing) for c, m in enumerate(sizes)]
     if workers <= 1:
@@ -207,6 +208,95 @@ def predict_retinanet(det, ds, x_all, device, batch=32):
     return boxes, scores, longs, shorts
 
 
+# ----------------------------------------------------------------------------- examples
+
+
+def score_at_fp_rate(boxes, scores, gts, rate: float = 1.0) -> float:
+    """The lowest score kept at the FROC operating point of ``rate`` FPs/image."""
+    fps, _, _ = froc_curve(boxes, scores, gts)
+    ordered = np.sort(np.concatenate([np.asarray(s, float) for s in scores]))[::-1]
+    ok = np.nonzero(fps[1:] <= rate)[0]
+    return float(ordered[ok[-1]]) if len(ok) else math.inf
+
+
+def example_record(ds, rn_dets, rt_boxes, rt_scores, n: int = 4) -> dict:
+    """Detections on the first ``n`` slices with lesions, at each detector's 1 FP/image
+    operating point, for :func:`render`."""
+    from scaledl.medical.recist_decode import detections_to_arrays
+
+    arrays = [detections_to_arrays(d) for d in rn_dets]
+    gts = ds.boxes()
+    thr_rn = score_at_fp_rate([a[0] for a in arrays], [a[1] for a in arrays], gts)
+    thr_rt = score_at_fp_rate(rt_boxes, rt_scores, gts)
+    idx = [i for i in range(len(ds)) if len(ds.points[i])][:n]
+    return {
+        "indices": idx,
+        "threshold_recist_net": thr_rn,
+        "threshold_retinanet": thr_rt,
+        "recist_net": [[d.to_dict() for d in rn_dets[i] if d.score >= thr_rn] for i in idx],
+        "retinanet": [
+            [[*b.tolist(), float(s)] for b, s in zip(rt_boxes[i], rt_scores[i]) if s >= thr_rt]
+            for i in idx
+        ],
+    }
+
+
+def render(json_path: str, figure: str) -> None:
+    """Draw the examples stored by a benchmark run: the test slices are regenerated from
+    the recorded seed (generation is deterministic), so only the detections are stored."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scaledl.medical.lesion_data import window_hu
+
+    doc = json.loads(Path(json_path).read_text())
+    cfg, seed, ex = doc["config"], doc["seed"], doc["examples"]
+    bgs = load_backgrounds(BACKGROUNDS)
+    if cfg["size"] != 256:
+        bgs = resize_backgrounds(bgs, cfg["size"])
+    splits = {"easy": seed + 2, "hard": seed + 3}
+    ncol = max(len(ex[s]["indices"]) for s in splits)
+    fig, axs = plt.subplots(2, ncol, figsize=(3.2 * ncol, 6.8), dpi=110, squeeze=False)
+    label = {
+        "color": "white",
+        "fontsize": 6,
+        "bbox": {"facecolor": "black", "alpha": 0.5, "pad": 1},
+    }
+    for row, (split, s) in enumerate(splits.items()):
+        ds = make_split(cfg["n_test"], split, s, bgs, 0.0, workers=1)
+        for col, i in enumerate(ex[split]["indices"]):
+            ax = axs[row, col]
+            ax.imshow(window_hu(ds.images[i]), cmap="gray")
+            for p in ds.points[i]:
+                for a, b in ((0, 1), (2, 3)):
+                    ax.plot(p[[a, b], 0], p[[a, b], 1], "-", color="#34c759", lw=2.5, alpha=0.6)
+            for x1, y1, x2, y2, _ in ex[split]["retinanet"][col]:
+                ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
+                                           ec="#32ade6", lw=1, ls="--"))  # fmt: skip
+            for d in ex[split]["recist_net"][col]:
+                p = np.asarray(d["points"])
+                ax.plot(p[:2, 0], p[:2, 1], "-", color="#ff3b30", lw=1)
+                ax.plot(p[2:, 0], p[2:, 1], "-", color="#ffcc00", lw=1)
+                ax.text(
+                    d["box"][0], d["box"][1] - 1, f"{d['long_mm']:.1f}x{d['short_mm']:.1f}", **label
+                )
+            ax.set_title(f"{split} #{i}", fontsize=8)
+        for ax in axs[row]:
+            ax.axis("off")
+    fig.suptitle(
+        "green: RECIST ground truth; red/yellow: RECIST-Net long/short diameters (mm); "
+        "blue dashed: RetinaNet boxes; both at 1 FP/image",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(figure)
+    print(f"wrote {figure}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -236,7 +326,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="data generation processes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
+    ap.add_argument("--render", default=None, help="draw the examples of this result JSON")
+    ap.add_argument("--figure", default="docs/img/recist_benchmark.png", help="with --render")
     args = ap.parse_args()
+    if args.render:
+        render(args.render, args.figure)
+        return
     cfg = dict(QUICK if args.quick else FULL)
     if args.steps:
         cfg["steps"] = args.steps
@@ -280,14 +375,14 @@ def main() -> None:
         )
     )  # fmt: skip
     rn_steps = len(rn_losses)
-    rn_eval = {}
+    rn_eval, rn_dets = {}, {}
     for name, ds in tests.items():
-        dets, t_inf = _timed(
+        rn_dets[name], t_inf = _timed(
             lambda ds=ds, name=name: predict_recist(
                 model, ds, device=device, images=x_tests[name], k=cfg["k"]
             )
         )
-        rn_eval[name] = evaluate_recist(dets, ds)
+        rn_eval[name] = evaluate_recist(rn_dets[name], ds)
         rn_eval[name]["infer_s_per_image"] = t_inf / len(ds)
     # --- RetinaNet (MONAI)
     torch.manual_seed(args.seed)
@@ -298,12 +393,13 @@ def main() -> None:
             seed=args.seed, device=device, time_limit=cfg["time_limit"],
         )
     )  # fmt: skip
-    rt_eval = {}
+    rt_eval, examples = {}, {}
     for name, ds in tests.items():
         (b, s, lo, sh), t_inf = _timed(
             lambda ds=ds, name=name: predict_retinanet(det, ds, x_tests[name], device)
         )
         rt_eval[name], _ = evaluate_boxes(ds, b, s, lo, sh)
+        examples[name] = example_record(ds, rn_dets[name], b, s)
         rt_eval[name]["infer_s_per_image"] = t_inf / len(ds)
 
     # --- report
@@ -381,6 +477,8 @@ def main() -> None:
                    "train_s": t_rt, "losses_first_last": [rt_losses[:5], rt_losses[-5:]],
                    "eval": pack(rt_eval)},
         checks=checks,
+        examples=examples,
+        seed=args.seed,
         total_s=total,
     )  # fmt: skip
     path = save_results("recist_detection" + ("_quick" if args.quick else ""), results, args.out)
