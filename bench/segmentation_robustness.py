@@ -72,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     if a.features is None:
         a.features = [4, 8, 16, 32, 64] if a.quick else [32, 64, 128, 256, 512]
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    a.workers = a.workers or max(1, min(12, (os.cpu_count() or 2) - 2))
+    a.workers = a.workers or max(1, min(14, (os.cpu_count() or 2) - 2))
     return a
 
 
