@@ -96,15 +96,68 @@ def test_topk_keeps_exactly_the_largest_magnitudes():
     assert (y - x).pow(2).sum() <= (1 - 10 / 1000) * x.pow(2).sum()
 
 
-def test_randomk_indices_are_shared_distinct_and_depend_on_key():
+def test_randomk_indices_are_shared_in_range_and_depend_on_key():
     comp = RandomKCompressor(0.1, seed=7)
     a = comp.indices(500, key=11, device="cpu")
-    assert a.numel() == 50 and a.unique().numel() == 50
+    assert a.dtype == torch.int64 and a.numel() == 50
+    assert bool(((a >= 0) & (a < 500)).all())
     assert torch.equal(a, RandomKCompressor(0.1, seed=7).indices(500, key=11, device="cpu"))
     assert not torch.equal(a, comp.indices(500, key=12, device="cpu"))
+    assert not torch.equal(a, RandomKCompressor(0.1, seed=8).indices(500, key=11, device="cpu"))
+    batch = comp.indices_batch(500, [12, 11], "cpu")
+    assert torch.equal(batch[1], a) and torch.equal(batch[0], comp.indices(500, 12, "cpu"))
     x = torch.randn(500)
     y = comp.roundtrip(x, key=11)
     assert torch.equal(y[a], x[a]) and y.count_nonzero() <= 50
+
+
+def test_randomk_draws_uniformly_with_replacement():
+    comp = RandomKCompressor(0.1)
+    d, k, trials = 500, 50, 2000
+    idx = comp.indices_batch(d, list(range(trials)), "cpu")
+    # distinct indices per draw: d (1 - (1 - 1/d)^k) on average (about 47.6 of 50)
+    distinct = torch.tensor([row.unique().numel() for row in idx], dtype=torch.float64)
+    expected = d * (1 - (1 - 1 / d) ** k)
+    assert abs(float(distinct.mean()) - expected) < 0.15
+    # every position is equally likely: counts are Binomial(k * trials, 1/d)
+    counts = torch.bincount(idx.reshape(-1), minlength=d).double()
+    mean = k * trials / d
+    assert float(((counts - mean) ** 2 / mean).sum()) < d + 6 * math.sqrt(2 * d)  # chi-square
+
+
+def test_randomk_index_draw_is_O_k_not_O_d():
+    # a permutation of 2**40 elements would need 8 TB; a draw of k indices needs 40 bytes
+    idx = RandomKCompressor(5).indices(2**40, key=1, device="cpu")
+    assert idx.numel() == 5 and bool((idx >= 0).all()) and bool((idx < 2**40).all())
+
+
+def test_randomk_rescaled_repeats_add_up():
+    comp = RandomKCompressor(9, rescale=True)
+    x = torch.randn(10)
+    key = 3
+    idx = comp.indices(10, key, "cpu")
+    counts = torch.bincount(idx, minlength=10).float()
+    assert counts.max() > 1  # 9 draws among 10 positions repeat (here they do)
+    expected = counts * x * (10 / 9)
+    assert torch.allclose(comp.roundtrip(x, key), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("comp", ALL, ids=repr)
+def test_batched_calls_equal_row_by_row_calls(comp: Compressor):
+    torch.manual_seed(5)
+    keys = [4, 9, 4]
+    for length in (1, 13, 64):
+        x = torch.randn(3, length)
+        payloads = comp.compress_batch(x, keys)
+        assert payloads.shape == (3, comp.payload_bytes(length))
+        for j, key in enumerate(keys):
+            assert torch.equal(payloads[j], comp.compress(x[j], key))
+        decoded = comp.decompress_batch(payloads, length, keys)
+        assert decoded.shape == (3, length) and decoded.dtype == torch.float32
+        for j, key in enumerate(keys):
+            assert torch.equal(decoded[j], comp.decompress(payloads[j], length, key))
+    with pytest.raises(ValueError, match="keys"):
+        comp.decompress_batch(payloads, length, keys[:2])
 
 
 def _mean_over_keys(comp: Compressor, x: torch.Tensor, trials: int) -> torch.Tensor:

@@ -193,6 +193,19 @@ def _all_checks() -> dict:
         **_training_checks(),
         **_checkpoint_checks(),
         "register": _register_checks(),
+        **_randomk_index_checks(),
+    }
+
+
+def _randomk_index_checks() -> dict:
+    # every rank draws the same shared-seed indices on its own device (nothing is sent)
+    idx = get_compressor("randomk", ratio=0.01, seed=5).indices_batch(
+        100_003, [3, 4, 3], DEVICE["device"]
+    )
+    return {
+        "randomk_indices_same": _identical_on_all_ranks(idx),
+        "randomk_rows_by_key_same": torch.equal(idx[0], idx[2]) and not torch.equal(idx[0], idx[1]),
+        "randomk_indices_in_range_same": bool(((idx >= 0) & (idx < 100_003)).all()),
     }
 
 
@@ -225,7 +238,7 @@ def _check_results(results: list[dict], world_size: int) -> None:
         for mode in ("two_way", "one_way", "allreduce"):
             assert r[f"identity_{mode}_err"] < 1e-6, (mode, r)
         assert r["randomk_shortcut_err"] < 1e-6
-        assert 0.2 < r["randomk_nonzero_frac"] < 0.5  # 30% of each shard is sent
+        assert 0.2 < r["randomk_nonzero_frac"] < 0.5  # 30% draws (with replacement) per shard
         for key, value in r.items():
             if key.endswith("_same"):
                 assert value is True, key

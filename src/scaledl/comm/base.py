@@ -8,6 +8,7 @@ rank's payload has the same length and one collective with equal splits moves th
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 import torch
 
@@ -43,6 +44,25 @@ class Compressor(abc.ABC):
     def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
         """Decode a payload into a 1-D float32 tensor of ``numel`` elements."""
 
+    def compress_batch(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+        """Compress each row of a 2-D ``x`` with its key: a ``(rows, payload_bytes)`` tensor.
+
+        Row ``j`` equals ``compress(x[j], keys[j])``. Subclasses replace this loop with
+        batched tensor ops (the hooks compress all shards of a bucket in one call).
+        """
+        _check_rows(x, keys)
+        return torch.stack([self.compress(x[j], keys[j]) for j in range(x.shape[0])])
+
+    def decompress_batch(
+        self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
+    ) -> torch.Tensor:
+        """Decode each row of a 2-D payload tensor: a ``(rows, numel)`` fp32 tensor."""
+        _check_rows(payloads, keys)
+        rows = [self.decompress(payloads[j], numel, keys[j]) for j in range(payloads.shape[0])]
+        if not rows:
+            return torch.empty(0, numel, dtype=torch.float32, device=payloads.device)
+        return torch.stack(rows)
+
     def roundtrip(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
         """``decompress(compress(x))``: what the receiver sees (the error-feedback reference)."""
         return self.decompress(self.compress(x, key), x.numel(), key)
@@ -54,6 +74,11 @@ class Compressor(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _check_rows(x: torch.Tensor, keys: Sequence[int]) -> None:
+    if x.dim() != 2 or x.shape[0] != len(keys):
+        raise ValueError(f"batched input of shape {tuple(x.shape)} for {len(keys)} keys")
 
 
 def _check_flat(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ fp16/bf16  the cast values                                         2d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,9 +60,13 @@ def derive_key(*parts: int) -> int:
 def _flat_fp32(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 1:
         raise ValueError(f"compressors take flat 1-D tensors, got shape {tuple(x.shape)}")
+    return _rows_fp32(x.view(1, -1))
+
+
+def _rows_fp32(x: torch.Tensor) -> torch.Tensor:
     if not x.is_floating_point():
         raise ValueError(f"compressors take floating-point tensors, got {x.dtype}")
-    return x.detach().to(torch.float32)
+    return x.detach().to(torch.float32).contiguous()  # no copy for contiguous fp32 input
 
 
 def _check_payload(c: Compressor, payload: torch.Tensor, numel: int) -> None:
@@ -75,15 +79,37 @@ def _check_payload(c: Compressor, payload: torch.Tensor, numel: int) -> None:
         )
 
 
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
+def _check_batch(
+    c: Compressor, payloads: torch.Tensor, numel: int, keys: Sequence[int]
+) -> torch.Tensor:
+    if payloads.dtype != torch.uint8 or payloads.dim() != 2 or payloads.shape[0] != len(keys):
+        raise ValueError(
+            f"{c.name} payloads must be a (rows, bytes) uint8 tensor with one row per key, "
+            f"got {payloads.dtype} of shape {tuple(payloads.shape)} for {len(keys)} keys"
+        )
+    want = c.payload_bytes(numel)
+    if payloads.shape[1] != want:
+        raise ValueError(
+            f"{c.name} payload of {payloads.shape[1]} bytes for {numel} elements (expected {want})"
+        )
+    return payloads
+
+
+def _one(c: Compressor, payload: torch.Tensor, numel: int, key: int) -> torch.Tensor:
+    """Single-payload decode through the batched path."""
+    _check_payload(c, payload, numel)
+    return c.decompress_batch(payload.view(1, -1), numel, [key]).reshape(-1)
 
 
 def _view_as(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Reinterpret a byte slice as ``dtype``; slices of a received buffer may be misaligned."""
+    """Reinterpret bytes (1-D, or rows of a 2-D tensor) as ``dtype``.
+
+    Slices of a received buffer may be misaligned; only those are copied.
+    """
     size = torch.empty((), dtype=dtype).element_size()
-    if chunk.storage_offset() % size:
-        chunk = chunk.clone()
+    aligned = chunk.data_ptr() % size == 0 and chunk.stride(-1) == 1
+    if not (aligned and all(st % size == 0 for st in chunk.stride()[:-1])):
+        chunk = chunk.clone(memory_format=torch.contiguous_format)
     return chunk.view(dtype)
 
 
@@ -115,7 +141,7 @@ class _GeneratorCache:
         if gen is None:
             gen = torch.Generator(device=device)
             self._gens[device] = gen
-        gen.manual_seed(seed)
+        gen.manual_seed(seed)  # host-side only: no device synchronisation
         return gen
 
     def __getstate__(self) -> dict[str, Any]:
@@ -125,22 +151,42 @@ class _GeneratorCache:
         self._gens = {}
 
 
+class _BatchedCompressor(Compressor):
+    """Compressors whose batched path is the implementation; single calls are one-row batches."""
+
+    def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
+        return self.compress_batch(_flat_fp32(x), [key]).reshape(-1)
+
+    def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
+        return _one(self, payload, numel, key)
+
+
 # --------------------------------------------------------------------------------- 1-bit
 _SHIFTS = (7, 6, 5, 4, 3, 2, 1, 0)
+# Multiplying 8 little-endian 0/1 bytes (one int64) by this constant gathers them, most
+# significant first, into the top byte: one multiply packs 8 elements.
+_PACK_MAGIC = 0x8040201008040201 - (1 << 64)
+_SIGN_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _pack_rows(bits: torch.Tensor) -> torch.Tensor:
+    """Pack each row of a 2-D bool/0-1 tensor into ``ceil(cols/8)`` bytes, MSB first."""
+    rows, cols = bits.shape
+    nb = (cols + 7) // 8
+    if cols % 8 or bits.dtype not in (torch.bool, torch.uint8) or not bits.is_contiguous():
+        padded = torch.zeros(rows, 8 * nb, dtype=torch.uint8, device=bits.device)
+        padded[:, :cols] = bits
+        bits = padded
+    words = bits.view(torch.uint8).view(torch.int64)  # (rows, nb), a view: no copy
+    packed = words * _PACK_MAGIC
+    packed >>= 56
+    packed &= 0xFF
+    return packed.to(torch.uint8)
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack a 1-D bool/0-1 tensor into ``ceil(n/8)`` bytes, most significant bit first."""
-    n = bits.numel()
-    b = bits.to(torch.uint8)
-    pad = (-n) % 8
-    if pad:
-        b = torch.cat([b, b.new_zeros(pad)])
-    b = b.view(-1, 8)
-    out = b[:, 0] << 7
-    for col in range(1, 8):
-        out |= b[:, col] << _SHIFTS[col]
-    return out
+    return _pack_rows(bits.reshape(1, -1)).reshape(-1)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -149,7 +195,17 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n]
 
 
-class OneBitCompressor(Compressor):
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """(256, 8) fp32: row b holds +1/-1 for the 8 bits of byte b (bit set = negative)."""
+    table = _SIGN_TABLES.get(device)
+    if table is None:
+        codes = torch.arange(256, dtype=torch.uint8, device=device)
+        table = 1.0 - 2.0 * unpack_bits(codes, 2048).view(256, 8).to(torch.float32)
+        _SIGN_TABLES[device] = table
+    return table
+
+
+class OneBitCompressor(_BatchedCompressor):
     """Scaled sign: one bit per element plus one fp32 scale.
 
     ``scale="mean_abs"`` (BytePS) keeps the l1 norm, ``"l2_sqrt_d"`` (DeepSpeed) the l2 norm,
@@ -169,30 +225,51 @@ class OneBitCompressor(Compressor):
         return 4 + (numel + 7) // 8
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
-        d = max(1, x.numel())
+        """One fp32 scale per row; fused norms read ``x`` once and allocate nothing."""
+        d = max(1, x.shape[1])
         if self.scale == "mean_abs":
-            return x.abs().sum().reshape(1) / d
+            return torch.linalg.vector_norm(x, 1, dim=1) / d
         if self.scale == "l2_sqrt_d":
-            return torch.linalg.vector_norm(x).reshape(1) / math.sqrt(d)
-        return torch.ones(1, dtype=torch.float32, device=x.device)
+            return torch.linalg.vector_norm(x, 2, dim=1) / math.sqrt(d)
+        return torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
 
-    def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
-        x = _flat_fp32(x)
-        return torch.cat([_bytes_of(self._scale(x)), pack_bits(x < 0)])
+    def compress_batch(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+        x = _rows_fp32(x)
+        rows = x.shape[0]
+        out = torch.empty(rows, self.payload_bytes(x.shape[1]), dtype=torch.uint8, device=x.device)
+        out[:, :4] = self._scale(x).view(torch.uint8).view(rows, 4)
+        out[:, 4:] = _pack_rows(x < 0)
+        return out
 
-    def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
-        _check_payload(self, payload, numel)
-        scale = _view_as(payload[:4], torch.float32)
-        bits = unpack_bits(payload[4:], numel)
-        # 1 - 2*bit maps bit 0 -> +1, bit 1 -> -1
-        return (1.0 - 2.0 * bits.to(torch.float32)) * scale
+    def decompress_batch(
+        self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
+    ) -> torch.Tensor:
+        payloads = _check_batch(self, payloads, numel, keys)
+        rows, nb = payloads.shape[0], payloads.shape[1] - 4
+        scale = _view_as(payloads[:, :4], torch.float32)  # (rows, 1)
+        # One gather from a per-row scaled sign table writes the output in a single pass:
+        # row r's bytes index table rows 256*r .. 256*r + 255.
+        table = (scale.view(rows, 1, 1) * _sign_table(payloads.device)).view(rows * 256, 8)
+        codes = payloads[:, 4:].to(torch.int32)
+        codes += 256 * torch.arange(rows, dtype=torch.int32, device=codes.device).view(rows, 1)
+        out = torch.nn.functional.embedding(codes, table).view(rows, 8 * nb)
+        return out[:, :numel]
 
     def __repr__(self) -> str:
         return f"OneBitCompressor(scale={self.scale!r})"
 
 
+def _scatter_rows(
+    payload_idx: torch.Tensor, vals: torch.Tensor, numel: int, add: bool = False
+) -> torch.Tensor:
+    out = torch.zeros(vals.shape[0], numel, dtype=torch.float32, device=vals.device)
+    if add:
+        return out.scatter_add_(1, payload_idx, vals)
+    return out.scatter_(1, payload_idx, vals)
+
+
 # --------------------------------------------------------------------------------- top-k
-class TopKCompressor(Compressor):
+class TopKCompressor(_BatchedCompressor):
     """The ``k`` largest magnitudes, sent as (32-bit index, fp32 value) pairs.
 
     ``ratio`` below 1 is a fraction of the elements (k = ceil(ratio * d), at least 1), 1 or
@@ -210,34 +287,42 @@ class TopKCompressor(Compressor):
     def payload_bytes(self, numel: int) -> int:
         return 8 * self.k(numel)
 
-    def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
-        x = _flat_fp32(x)
-        if x.numel() >= 2**31:
+    def compress_batch(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+        x = _rows_fp32(x)
+        if x.shape[1] >= 2**31:
             raise ValueError("top-k indices are 32-bit: split tensors of 2**31 or more elements")
-        k = self.k(x.numel())
-        idx = torch.topk(x.abs(), k, sorted=False).indices
-        return torch.cat([_bytes_of(idx.to(torch.int32)), _bytes_of(x[idx])])
+        k = self.k(x.shape[1])
+        idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices  # one topk for all rows
+        vals = x.gather(1, idx)
+        return torch.cat([idx.to(torch.int32).view(torch.uint8), vals.view(torch.uint8)], dim=1)
 
-    def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
-        _check_payload(self, payload, numel)
+    def decompress_batch(
+        self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
+    ) -> torch.Tensor:
+        payloads = _check_batch(self, payloads, numel, keys)
         k = self.k(numel)
-        idx = _view_as(payload[: 4 * k], torch.int32).to(torch.int64)
-        vals = _view_as(payload[4 * k :], torch.float32)
-        out = torch.zeros(numel, dtype=torch.float32, device=payload.device)
-        return out.scatter_(0, idx, vals)
+        idx = _view_as(payloads[:, : 4 * k], torch.int32).to(torch.int64)
+        return _scatter_rows(idx, _view_as(payloads[:, 4 * k :], torch.float32), numel)
 
     def __repr__(self) -> str:
         return f"TopKCompressor(ratio={self.keep!r})"
 
 
 # ------------------------------------------------------------------------------ random-k
-class RandomKCompressor(Compressor):
+class RandomKCompressor(_BatchedCompressor):
     """``k`` values at indices drawn from ``key``: every rank picks the same ones, none are sent.
 
-    With ``rescale=True`` the values are multiplied by d/k, which makes the compressor
-    unbiased (use it without error feedback); with error feedback use ``rescale=False``.
-    Because all ranks share the indices, payloads can be summed directly
-    (``allreduce_compatible``).
+    The ``k`` indices are drawn uniformly **with replacement** (``torch.randint`` on the
+    tensor's device, from a generator seeded with ``(seed, key)``): O(k) work, whereas a
+    distinct draw (a permutation) costs O(d). A repeated index carries the same value twice;
+    about k^2/(2d) of the k slots repeat (0.5% of them at k = 1% of d), so slightly fewer
+    than k distinct elements are sent.
+
+    With ``rescale=True`` every draw is multiplied by d/k and repeated draws are *added* on
+    decode, which makes the compressor exactly unbiased (use it without error feedback);
+    with error feedback use ``rescale=False`` (drawn positions are then sent exactly, and
+    the error there is zero). Because all ranks share the indices, payloads can be summed
+    directly (``allreduce_compatible``).
     """
 
     name = "randomk"
@@ -257,40 +342,54 @@ class RandomKCompressor(Compressor):
         return 4 * self.k(numel)
 
     def indices(self, numel: int, key: int, device: torch.device | str) -> torch.Tensor:
-        """The ``k`` distinct indices for ``key``, identical on every rank of one device kind.
+        """The ``k`` indices in ``[0, numel)`` for ``key`` (with replacement), identical on
+        every rank of one device kind (a CUDA and a CPU rank draw different ones)."""
+        return self.indices_batch(numel, [key], device).reshape(-1)
 
-        They are drawn on ``device`` (a CUDA and a CPU rank would draw different ones).
-        """
+    def indices_batch(
+        self, numel: int, keys: Sequence[int], device: torch.device | str
+    ) -> torch.Tensor:
+        """A ``(len(keys), k)`` int64 tensor: row ``j`` is :meth:`indices` for ``keys[j]``."""
         device = torch.device(device)
-        gen = self._gens(device, derive_key(self.seed, key))
-        return torch.randperm(numel, generator=gen, device=device)[: self.k(numel)]
+        k = self.k(numel)
+        out = torch.empty(len(keys), k, dtype=torch.int64, device=device)
+        if k:
+            for j, key in enumerate(keys):  # one O(k) draw per key, on the device
+                gen = self._gens(device, derive_key(self.seed, key))
+                torch.randint(0, numel, (k,), generator=gen, device=device, out=out[j])
+        return out
 
-    def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
-        x = _flat_fp32(x)
-        vals = x[self.indices(x.numel(), key, x.device)]
-        if self.rescale and vals.numel():
-            vals = vals * (x.numel() / vals.numel())
-        return _bytes_of(vals)
+    def compress_batch(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+        x = _rows_fp32(x)
+        vals = x.gather(1, self.indices_batch(x.shape[1], keys, x.device))
+        if self.rescale and vals.shape[1]:
+            vals *= x.shape[1] / vals.shape[1]
+        return vals.view(torch.uint8)
 
-    def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
-        _check_payload(self, payload, numel)
-        vals = _view_as(payload, torch.float32)
-        out = torch.zeros(numel, dtype=torch.float32, device=payload.device)
-        return out.index_copy_(0, self.indices(numel, key, payload.device), vals)
+    def decompress_batch(
+        self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
+    ) -> torch.Tensor:
+        payloads = _check_batch(self, payloads, numel, keys)
+        idx = self.indices_batch(numel, keys, payloads.device)
+        vals = _view_as(payloads, torch.float32)
+        # Repeated indices: unscaled draws carry equal values (set once); scaled draws are
+        # separate unbiased estimates and must be summed.
+        return _scatter_rows(idx, vals, numel, add=self.rescale)
 
     def __repr__(self) -> str:
         return f"RandomKCompressor(ratio={self.keep!r}, rescale={self.rescale})"
 
 
 # ----------------------------------------------------------------------------- dithering
-class DitheringCompressor(Compressor):
+class DitheringCompressor(_BatchedCompressor):
     """Stochastic rounding of ``|x| / norm`` onto ``levels`` levels, with a sign per element.
 
     ``kind="linear"`` uses the levels k/s (k = 0..s); ``"natural"`` uses 0 and the powers of
     two 2^(1-s) .. 1. ``norm`` is ``"max"`` (max |x|, BytePS's default) or ``"l2"``. Each
     element is an int8 level index (int16 for more than 127 levels), so the payload has a
-    fixed size for both norms. Rounding is unbiased; its random bits come from ``key`` mixed
-    with this rank's id, so ranks round independently.
+    fixed size for both norms. Rounding is unbiased (``floor(t + r)`` with ``r`` uniform in
+    [0, 1) rounds ``t`` up with probability ``frac(t)``); its random bits come from ``key``
+    mixed with this rank's id, so ranks round independently.
 
     ``bits`` is a helper: ``bits=b`` means ``levels = 2**(b-1) - 1`` for linear levels (one
     bit for the sign, the rest for the level) and ``levels = b`` for natural levels.
@@ -334,49 +433,65 @@ class DitheringCompressor(Compressor):
 
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-    def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
-        x = _flat_fp32(x)
-        if self.norm == "max":
-            nu = x.abs().amax() if x.numel() else x.new_zeros(())
-        else:
-            nu = torch.linalg.vector_norm(x)
-        u = x.abs() / nu.clamp_min(torch.finfo(torch.float32).tiny)
-        gen = self._gens(x.device, derive_key(self.seed, key, self._rank()))
-        r = torch.rand(x.numel(), generator=gen, device=x.device)
-        s = self.levels
-        if self.kind == "linear":
-            t = u * s
-            q = t.floor()
-            q += (r < t - q).to(q.dtype)
-        else:
-            smallest = 2.0 ** (1 - s)
-            # frexp: u = m * 2**e with m in [0.5, 1), so floor(log2 u) = e - 1, exactly.
-            _, e = torch.frexp(u)
-            e = (e - 1).clamp(1 - s, 0).to(torch.float32)
-            low = torch.where(u < smallest, torch.zeros_like(u), torch.exp2(e))
-            width = torch.where(u < smallest, torch.full_like(u, smallest), low)
-            # level index of `low`: 0 for zero, else e + s (2^(1-s) -> 1, ..., 1 -> s)
-            q = torch.where(u < smallest, torch.zeros_like(u), e + s)
-            q += (r * width < u - low).to(q.dtype)
-        q = q.clamp_(max=s) * torch.where(x < 0, -1.0, 1.0)
-        return torch.cat([_bytes_of(nu.reshape(1)), _bytes_of(q.to(self.code_dtype))])
+    def _uniform(self, shape: torch.Size, keys: Sequence[int], device: torch.device):
+        r = torch.empty(shape, dtype=torch.float32, device=device)
+        rank = self._rank()
+        for j, key in enumerate(keys):
+            gen = self._gens(device, derive_key(self.seed, key, rank))
+            torch.rand(shape[1], generator=gen, device=device, out=r[j])
+        return r
 
-    def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
-        _check_payload(self, payload, numel)
-        nu = _view_as(payload[:4], torch.float32)
-        q = _view_as(payload[4:], self.code_dtype).to(torch.float32)
+    def compress_batch(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+        x = _rows_fp32(x)
+        rows, d = x.shape
+        if d == 0:
+            nu = x.new_zeros(rows)
+        else:  # fused norms: one read of x, no |x| temporary
+            nu = torch.linalg.vector_norm(x, math.inf if self.norm == "max" else 2, dim=1)
+        inv = nu.clamp_min(torch.finfo(torch.float32).tiny).reciprocal_().view(rows, 1)
+        r = self._uniform(x.shape, keys, x.device)
+        s = self.levels
+        t = torch.mul(x, inv).abs_()  # u = |x| / nu in [0, 1]
         if self.kind == "linear":
-            level = q.abs() / self.levels
+            t.mul_(s).add_(r).floor_()  # level index floor(u*s + r)
         else:
-            level = torch.where(q == 0, torch.zeros_like(q), torch.exp2(q.abs() - self.levels))
-        return torch.copysign(level, q) * nu
+            # Level boundaries are powers of two: with E = floor(log2 u) clamped to [1-s, 0]
+            # (exactly, from frexp), u lies in [2^E, 2^(E+1)) (or below 2^(1-s), between the
+            # levels 0 and 2^(1-s)), and the level index is E + s - 1 + floor(u / 2^E + r).
+            e = torch.frexp(t).exponent
+            e -= 1
+            e.clamp_(1 - s, 0).masked_fill_(t < 2.0 ** (1 - s), 1 - s)
+            t.mul_(torch.exp2(-e.to(torch.float32))).add_(r).floor_().add_(e).add_(s - 1)
+        t.clamp_(0, s).copysign_(x)
+        out = torch.empty(rows, self.payload_bytes(d), dtype=torch.uint8, device=x.device)
+        out[:, :4] = nu.view(torch.uint8).view(rows, 4)
+        out[:, 4:].view(self.code_dtype).copy_(t)  # exact: t holds small integers
+        return out
+
+    def decompress_batch(
+        self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
+    ) -> torch.Tensor:
+        payloads = _check_batch(self, payloads, numel, keys)
+        rows = payloads.shape[0]
+        nu = _view_as(payloads[:, :4], torch.float32)  # (rows, 1)
+        q = _view_as(payloads[:, 4:], self.code_dtype)
+        if self.kind == "linear":
+            return q * (nu / self.levels)  # int codes times an fp32 column: one fp32 pass
+        # natural: a 256-entry table per row (codes are int8), value = sign * 2^(|q|-s) * nu
+        codes = torch.arange(-128, 128, dtype=torch.float32, device=payloads.device)
+        levels = torch.exp2(codes.abs() - self.levels).copysign_(codes)
+        levels[128] = 0.0
+        table = (nu * levels).view(rows * 256, 1)
+        idx = q.to(torch.int32) + 128
+        idx += 256 * torch.arange(rows, dtype=torch.int32, device=idx.device).view(rows, 1)
+        return torch.nn.functional.embedding(idx, table).view(rows, numel)
 
     def __repr__(self) -> str:
         return f"DitheringCompressor(levels={self.levels}, kind={self.kind!r}, norm={self.norm!r})"
 
 
 # --------------------------------------------------------------------------------- casts
-class CastCompressor(Compressor):
+class CastCompressor(_BatchedCompressor):
     """fp16 or bf16 cast. Sums of casts stay casts, so one all-reduce suffices.
 
     fp16 overflows above 65504: pre-scale (the hooks divide by the world size first).
@@ -395,12 +510,17 @@ class CastCompressor(Compressor):
     def payload_bytes(self, numel: int) -> int:
         return 2 * numel
 
-    def compress(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
-        return _bytes_of(_flat_fp32(x).to(self.wire_dtype))
+    def compress_batch(self, x: torch.Tensor, keys: Sequence[int]) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise ValueError(f"compressors take floating-point tensors, got {x.dtype}")
+        # fp16/bf16 inputs are rounded through fp32 exactly, so cast directly
+        return x.detach().to(self.wire_dtype).contiguous().view(torch.uint8)
 
-    def decompress(self, payload: torch.Tensor, numel: int, key: int = 0) -> torch.Tensor:
-        _check_payload(self, payload, numel)
-        return _view_as(payload, self.wire_dtype).to(torch.float32)
+    def decompress_batch(
+        self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
+    ) -> torch.Tensor:
+        payloads = _check_batch(self, payloads, numel, keys)
+        return _view_as(payloads, self.wire_dtype).to(torch.float32)
 
     def __repr__(self) -> str:
         return f"CastCompressor({self.name!r})"

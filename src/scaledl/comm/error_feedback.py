@@ -82,9 +82,17 @@ class ErrorFeedback:
             setattr(self, name, buf)
         return buf
 
-    def prepare(self, x: torch.Tensor, lr: float | None = None) -> torch.Tensor:
-        """Momentum and error correction: the tensor ``p`` that is compressed (fp32, new)."""
-        p = x.detach().to(torch.float32).clone()
+    def prepare(
+        self, x: torch.Tensor, lr: float | None = None, inplace: bool = False
+    ) -> torch.Tensor:
+        """Momentum and error correction: the tensor ``p`` that is compressed (fp32).
+
+        ``p`` is a new tensor unless ``inplace`` (and ``x`` is fp32): then ``x`` is
+        overwritten, which saves a copy when the caller owns ``x`` (the hooks do).
+        """
+        p = x.detach().to(torch.float32)
+        if not (inplace and p.data_ptr() == x.data_ptr()):
+            p = p.clone()
         if self.momentum:
             m = self._buffer("momentum_buf", p)
             m.mul_(self.momentum).add_(p)
@@ -128,30 +136,32 @@ def compress_shards(
     x: torch.Tensor,
     keys: Sequence[int],
     lr: float | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Error-corrected compression of ``x`` split into ``len(keys)`` equal shards.
 
     ``x.numel()`` must be divisible by the number of shards. Returns the concatenated payloads
     (each ``payload_bytes(shard)`` long, shard ``j`` compressed with ``keys[j]``) and the
-    decoded tensor ``D(C(p))`` that every receiver will see.
+    decoded tensor ``D(C(p))`` that every receiver will see. All shards go through one
+    batched compress and decode call. ``inplace=True`` lets the error correction overwrite
+    ``x`` (an fp32 buffer the caller owns) instead of copying it.
     """
     n = len(keys)
     if n == 0 or x.numel() % n:
         raise ValueError(f"{x.numel()} elements do not split into {n} equal shards")
     if ef.mode == "sparse":
         _check_mode("sparse", compressor)
-    p = ef.prepare(x, lr)
+    p = ef.prepare(x, lr, inplace=inplace)
     shards = p.view(n, -1)
     length = shards.shape[1]
-    payloads = [compressor.compress(shards[j], keys[j]) for j in range(n)]
+    payloads = compressor.compress_batch(shards, keys)
     if ef.mode == "sparse":
         assert isinstance(compressor, RandomKCompressor)
-        idx = torch.cat(
-            [compressor.indices(length, keys[j], p.device) + j * length for j in range(n)]
-        )
-        decoded = torch.zeros_like(p).index_copy_(0, idx, p[idx])
-        ef.update_sparse(p, idx)
+        idx = compressor.indices_batch(length, keys, p.device)
+        # unscaled random-k sends p exactly at the drawn positions: the error is p elsewhere
+        decoded = torch.zeros_like(shards).scatter_(1, idx, shards.gather(1, idx)).view(-1)
+        ef.update_sparse(p, (idx + length * torch.arange(n, device=p.device).view(n, 1)).view(-1))
     else:
-        decoded = torch.cat([compressor.decompress(payloads[j], length, keys[j]) for j in range(n)])
+        decoded = compressor.decompress_batch(payloads, length, keys).reshape(-1)
         ef.update(p, decoded)
-    return torch.cat(payloads), decoded
+    return payloads.view(-1), decoded

@@ -359,9 +359,9 @@ def _all_gather(
     return out
 
 
-def _payload_chunks(buf: torch.Tensor, n: int) -> list[torch.Tensor]:
-    size = buf.numel() // n
-    return [buf[i * size : (i + 1) * size] for i in range(n)]
+def _rows(buf: torch.Tensor, n: int) -> torch.Tensor:
+    """A flat buffer of ``n`` equal payloads as an ``(n, bytes)`` view (no copy)."""
+    return buf.view(n, -1)
 
 
 # ----------------------------------------------------------------------------- modes
@@ -372,27 +372,23 @@ def _two_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int,
     keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
     lr = state.current_lr()
     t0 = time.perf_counter()
-    send, _ = compress_shards(state.compressor, bs.worker, g, keys, lr)
+    send, _ = compress_shards(state.compressor, bs.worker, g, keys, lr, inplace=True)
     _zero_padding(bs.worker.error, numel)
     t0 = state._tick("compress", t0, g.device)
     recv = _all_to_all(state, send, n)
     t0 = state._tick("communicate", t0, g.device)
-    # The server step on the shard this rank owns; summation order is fixed (rank 0..n-1).
-    s = torch.zeros(length, dtype=torch.float32, device=g.device)
-    for chunk in _payload_chunks(recv, n):
-        s += state.compressor.decompress(chunk, length, keys[rank])
+    # The server step on the shard this rank owns: all n payloads decode in one batched
+    # call; the sum over ranks runs in a fixed order.
+    s = state.compressor.decompress_batch(_rows(recv, n), length, [keys[rank]] * n).sum(0)
     valid = min(max(numel - rank * length, 0), length)
     s[valid:] = 0.0
-    server_payload, _ = compress_shards(state.server_compressor, bs.server, s, [keys[rank]], lr)
+    server_payload, _ = compress_shards(
+        state.server_compressor, bs.server, s, [keys[rank]], lr, inplace=True
+    )
     t0 = state._tick("compress", t0, g.device)
     allc = _all_gather(state, server_payload, n)
     t0 = state._tick("communicate", t0, g.device)
-    out = torch.cat(
-        [
-            state.server_compressor.decompress(chunk, length, keys[j])
-            for j, chunk in enumerate(_payload_chunks(allc, n))
-        ]
-    )
+    out = state.server_compressor.decompress_batch(_rows(allc, n), length, keys).reshape(-1)
     state._tick("compress", t0, g.device)
     state.stats.record_baseline(_ring_allreduce_bytes(4 * numel, n))
     return out
@@ -401,13 +397,13 @@ def _two_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int,
 def _one_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int, it: int, bi: int):
     key = derive_key(state.seed, it, bi, 0)
     t0 = time.perf_counter()
-    payload, _ = compress_shards(state.compressor, bs.worker, g, [key], state.current_lr())
+    payload, _ = compress_shards(
+        state.compressor, bs.worker, g, [key], state.current_lr(), inplace=True
+    )
     t0 = state._tick("compress", t0, g.device)
     allp = _all_gather(state, payload, n)
     t0 = state._tick("communicate", t0, g.device)
-    out = torch.zeros(g.numel(), dtype=torch.float32, device=g.device)
-    for chunk in _payload_chunks(allp, n):
-        out += state.compressor.decompress(chunk, g.numel(), key)
+    out = state.compressor.decompress_batch(_rows(allp, n), g.numel(), [key] * n).sum(0)
     state._tick("compress", t0, g.device)
     state.stats.record_baseline(_ring_allreduce_bytes(4 * bs.numel, n))
     return out
@@ -420,7 +416,9 @@ def _allreduce(
     keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
     length = g.numel() // n
     t0 = time.perf_counter()
-    payload, _ = compress_shards(state.compressor, bs.worker, g, keys, state.current_lr())
+    payload, _ = compress_shards(
+        state.compressor, bs.worker, g, keys, state.current_lr(), inplace=True
+    )
     _zero_padding(bs.worker.error, bs.numel)
     t0 = state._tick("compress", t0, g.device)
     if n > 1 and payload.numel():
@@ -429,12 +427,7 @@ def _allreduce(
         payload = values.view(torch.uint8)
         state.stats.record("all_reduce", _ring_allreduce_bytes(payload.numel(), n), 0)
     t0 = state._tick("communicate", t0, g.device)
-    out = torch.cat(
-        [
-            state.compressor.decompress(chunk, length, keys[j])
-            for j, chunk in enumerate(_payload_chunks(payload, n))
-        ]
-    )
+    out = state.compressor.decompress_batch(_rows(payload, n), length, keys).reshape(-1)
     state._tick("compress", t0, g.device)
     state.stats.record_baseline(_ring_allreduce_bytes(4 * bs.numel, n))
     return out
@@ -504,9 +497,11 @@ def _exchange(
         shards = 1 if state.mode == "one_way" else n
         padded = -(-numel // shards) * shards
         bs = state._bucket(bucket, padded)
-        g = torch.zeros(padded, dtype=torch.float32, device=buffer.device)
-        g[:numel] = buffer
-        g /= n  # pre-scale: the sum over ranks is then the mean
+        # pre-scale while copying into an fp32 buffer the hook owns (one pass): the sum
+        # over ranks is then the mean
+        g = torch.empty(padded, dtype=torch.float32, device=buffer.device)
+        torch.div(buffer, n, out=g[:numel])
+        g[numel:] = 0.0
         result = _MODE_FN[state.mode](state, bs, g, n, it, bi)[:numel].to(buffer.dtype)
     if bucket.is_last():
         state.iteration += 1
