@@ -3,8 +3,8 @@
 For each task (a ViT on procedural 32x32 shape images, a BERT-style byte-level masked LM on the
 Python standard library's source text), in one run:
 
-1. train a small model S (2N steps); train the large model T from scratch for N steps -> final
-   eval loss l*;
+1. train a small model S (N steps, ``--small-factor`` x N); train the large model T from
+   scratch for N steps -> final eval loss l*;
 2. expand S to T's size with LEMON (canceling new layers), LEMON with zero-output new layers,
    and symmetric Net2Net-style duplication; train each with the LEMON schedule (same peak LR,
    fresh AdamW, cosine compressed into a budget of f * N steps, for several f);
@@ -42,9 +42,6 @@ from scaledl.expansion import (
     lemon_schedule,
 )
 
-#: The small model trains this many times N steps (closer to convergence, as in the paper,
-#: where the source model is fully pre-trained); --quick keeps N.
-SMALL_STEPS_FACTOR = {False: 2, True: 1}
 MASK_ID = 256  # byte-level MLM: 256 byte values + one [MASK] symbol
 VARIANTS = {
     # name: (expand() keyword arguments, description)
@@ -250,7 +247,7 @@ def first_reach(curve: list[tuple[int, float]], target: float) -> int | None:
 # --------------------------------------------------------------------------- setups
 
 
-def make_setup(task: str, quick: bool, steps: int | None) -> Setup:
+def make_setup(task: str, quick: bool, steps: int | None, small_factor: float = 1.0) -> Setup:
     """Small model 4L/192 (3 heads of 64) -> 8L/384 on GPU; 2L/32 -> 4L/64 with --quick."""
     common = dict(
         hidden_size=32 if quick else 192,
@@ -280,7 +277,7 @@ def make_setup(task: str, quick: bool, steps: int | None) -> Setup:
         hidden=small.hidden_size * 2,
         layers=small.num_hidden_layers * 2,
         steps=n,
-        small_steps=n * SMALL_STEPS_FACTOR[quick],
+        small_steps=round(n * small_factor),
         batch=batch,
         lr=lr,
         weight_decay=wd,
@@ -321,14 +318,20 @@ def seconds_per_step(model: torch.nn.Module, task: Task, amp: bool, n: int = 10)
 def fit_steps(setup: Setup, t_small: float, t_large: float, seconds: float) -> int:
     """The largest from-scratch budget N (multiple of 100) whose runs fit in ``seconds``."""
     large_runs = 1 + sum(sum(variant_budgets(v, setup)) for v in VARIANTS)
-    per_n = t_small * SMALL_STEPS_FACTOR[False] + t_large * large_runs * 1.1  # +10%: evaluation
+    small_factor = setup.small_steps / setup.steps
+    per_n = t_small * small_factor + t_large * large_runs * 1.1  # +10%: evaluation
     return int(min(setup.steps, max(300, seconds / per_n)) // 100 * 100)
 
 
 def run_task(
-    name: str, quick: bool, steps: int | None, device: torch.device, seconds: float
+    name: str,
+    quick: bool,
+    steps: int | None,
+    device: torch.device,
+    seconds: float,
+    small_factor: float = 1.0,
 ) -> dict:
-    setup = make_setup(name, quick, steps)
+    setup = make_setup(name, quick, steps, small_factor)
     amp = device.type == "cuda"
     task = Task(name, setup, device, quick)
     big_cfg = replace(
@@ -351,7 +354,7 @@ def run_task(
         }
         n = fit_steps(setup, timing["small_s_per_step"], timing["large_s_per_step"], seconds)
         setup = replace(
-            setup, steps=n, small_steps=n * SMALL_STEPS_FACTOR[False], eval_every=max(10, n // 40)
+            setup, steps=n, small_steps=round(n * small_factor), eval_every=max(10, n // 40)
         )
         task.setup = setup
         print(f"  [{name}] step times {timing}; from-scratch budget N = {n}", flush=True)
@@ -386,6 +389,7 @@ def run_task(
             "description": description,
             "loss_after_expansion": next(iter(budgets.values()))["curve"][0][1],
             "steps_to_target": steps_needed,
+            "below_target_at_expansion": steps_needed == 0,
             "smallest_budget_reaching_target": min(
                 (b["steps"] for b in budgets.values() if b["final_loss"] <= target), default=None
             ),
@@ -405,7 +409,7 @@ def run_task(
                 "/".join(str(b["steps"]) for b in budgets.values()),
                 "/".join(f"{b['final_loss']:.4f}" for b in budgets.values()),
                 "/".join(f"{b['scratch_loss_at_same_steps']:.4f}" for b in budgets.values()),
-                steps_needed if steps_needed is not None else "not reached",
+                _steps_text(steps_needed),
                 _pct(res.get("saved_excluding_small")),
                 _pct(res.get("saved_including_small")),
                 f"{res['loss_after_expansion']:.4f}",
@@ -449,6 +453,13 @@ def run_task(
     }
 
 
+def _steps_text(steps: int | None) -> str:
+    if steps is None:
+        return "not reached"
+    # 0: the expanded model (= the small model's function) already beats the scratch model.
+    return "0 (at expansion)" if steps == 0 else str(steps)
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -466,6 +477,12 @@ def main() -> None:
         default=180.0,
         help="training time budget of one task in full mode, used to choose N",
     )
+    parser.add_argument(
+        "--small-factor",
+        type=float,
+        default=1.0,
+        help="the small model trains this many times N steps (paper: a fully trained source)",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -479,7 +496,7 @@ def main() -> None:
     payload = {"quick": args.quick, "device": str(device), "tasks": {}}
     for name in tasks:
         payload["tasks"][name] = run_task(
-            name, args.quick, args.steps, device, args.seconds_per_task
+            name, args.quick, args.steps, device, args.seconds_per_task, args.small_factor
         )
     payload["seconds"] = time.perf_counter() - t0
     path = save_results("lemon_savings" + ("_quick" if args.quick else ""), payload, args.out)
