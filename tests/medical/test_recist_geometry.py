@@ -89,3 +89,29 @@ def test_bad_inputs():
         recist_to_box(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="isotropic"):
         px_to_mm(1.0, (0.5, 0.7))
+
+
+def test_augmentation_moves_points_with_the_image():
+    import torch
+
+    from scaledl.medical.recist_train import flip_points
+
+    m = ellipse(20, 8, 35, cx=50.2, cy=40.7, size=96)[:, :80]  # not square: H 96, W 80
+    p = mask_to_recist(m, 1.0).points
+    img = torch.from_numpy(m.copy())
+    for hf in (False, True):
+        for vf in (False, True):
+            for tr in (False, True):
+                x = img
+                if hf:
+                    x = x.flip(-1)
+                if vf:
+                    x = x.flip(-2)
+                if tr:
+                    x = x.transpose(-1, -2)
+                want = mask_to_recist(x.numpy(), 1.0).points
+                got = flip_points(p, 80, 96, hf, vf, tr)[0]
+                assert mask_to_recist(x.numpy(), 1.0).long_px == pytest.approx(
+                    np.linalg.norm(got[1] - got[0]), abs=1e-6
+                )
+                np.testing.assert_allclose(got[:2], want[:2], atol=1e-6)

@@ -63,13 +63,26 @@ class TrainingClock:
         return p < 1.0
 
 
-def flip_points(points: np.ndarray, width: int, height: int, hflip: bool, vflip: bool):
-    """Flip ``(n, 4, 2)`` endpoints with the image, then re-canonicalise a/b."""
+def flip_points(
+    points: np.ndarray,
+    width: int,
+    height: int,
+    hflip: bool,
+    vflip: bool,
+    transpose: bool = False,
+) -> np.ndarray:
+    """Move ``(n, 4, 2)`` endpoints with the image, then re-canonicalise a/b.
+
+    The image ops, in this order: ``flip(-1)`` if ``hflip``, ``flip(-2)`` if ``vflip``, then
+    ``transpose(-1, -2)`` if ``transpose`` (square images only).
+    """
     p = np.array(points, dtype=np.float64, copy=True).reshape(-1, 4, 2)
     if hflip:
         p[..., 0] = width - 1 - p[..., 0]
     if vflip:
         p[..., 1] = height - 1 - p[..., 1]
+    if transpose:
+        p = p[..., ::-1].copy()
     return canonicalize_recist(p) if len(p) else p
 
 
@@ -81,19 +94,22 @@ def sample_batch(
     device: Any,
     augment: bool = True,
 ) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """A random batch of windowed images and their *labelled* endpoints, each image flipped
-    horizontally and/or vertically with probability 1/2 when ``augment``."""
+    """A random batch of windowed images and their *labelled* endpoints. With ``augment``,
+    each image gets one of the 8 flips/rotations by 90° (transposes only when square)."""
     H, W = x_all.shape[-2:]
     idx = rng.integers(0, len(ds), batch_size)
     x = x_all[torch.as_tensor(idx, device=x_all.device)].to(device)
     pts = []
     for j, i in enumerate(idx):
-        hf, vf = (bool(rng.random() < 0.5), bool(rng.random() < 0.5)) if augment else (0, 0)
+        hf, vf, tr = (rng.random(3) < 0.5) if augment else (False, False, False)
+        tr = bool(tr) and H == W
         if hf:
             x[j] = x[j].flip(-1)
         if vf:
             x[j] = x[j].flip(-2)
-        pts.append(flip_points(ds.train_points(int(i)), W, H, bool(hf), bool(vf)))
+        if tr:
+            x[j] = x[j].transpose(-1, -2).clone()
+        pts.append(flip_points(ds.train_points(int(i)), W, H, bool(hf), bool(vf), tr))
     return x, pts
 
 
