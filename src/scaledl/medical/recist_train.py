@@ -130,7 +130,7 @@ def train_recist(
     time_limit_s: float | None = None,
     progress: bool = False,
 ) -> list[float]:
-    """Train with AdamW, warm-up and cosine decay on random batches (flips as augmentation).
+    """Train with AdamW, warm-up and cosine decay on random batches (flips, 90° rotations).
 
     Only each image's *labelled* lesions are targets (missing-label simulation). Returns the
     loss of every step (fewer than ``steps`` when ``time_limit_s`` runs out first: the
