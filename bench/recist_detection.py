@@ -1,7 +1,8 @@
 """RECIST-Net vs MONAI's RetinaNetDetector on synthetic CT lesions, side by side in one run.
 
-Both detectors train on the same synthetic training split (easy and hard slices mixed; flips;
-same steps, batch, optimiser and schedule) and are evaluated on the same easy and hard test
+Both detectors train on the same synthetic training split (easy and hard slices mixed; the
+same flips and 90° rotations, steps, batch, optimiser and schedule) and are evaluated on the
+same easy and hard test
 splits with the DeepLesion FROC (sensitivity at 0.5-8 FPs/image, IoU 0.5) and the median
 diameter error in mm of the lesions they hit. RetinaNet predicts boxes only, so its RECIST
 estimate is the box's longer/shorter side minus the DeepLesion padding.
