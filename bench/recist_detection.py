@@ -2,10 +2,10 @@
 
 Both detectors train on the same synthetic training split (easy and hard slices mixed; the
 same flips and 90° rotations, steps, batch, optimiser and schedule) and are evaluated on the
-same easy and hard test
-splits with the DeepLesion FROC (sensitivity at 0.5-8 FPs/image, IoU 0.5) and the median
-diameter error in mm of the lesions they hit. RetinaNet predicts boxes only, so its RECIST
-estimate is the box's longer/shorter side minus the DeepLesion padding.
+same easy and hard test splits with the DeepLesion FROC (sensitivity at 0.5-8 FPs/image,
+IoU 0.5) and the median diameter error in mm of the lesions they hit. RetinaNet predicts
+boxes only, so its RECIST estimate is the box's longer/shorter side minus the DeepLesion
+padding.
 
 Data: lesions are generated with numpy/scipy at run time (in parallel processes) on the CT
 backgrounds stored in ``bench/data/recist_backgrounds_256.npz`` (pydicom's CT slice, a
