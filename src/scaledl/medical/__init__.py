@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-#: public name -> submodule that defines it. Segmentation lives in ``segmentation*``
-#: modules, detection in ``recist*`` / ``froc_eval`` modules (not ``froc.py``: a
+#: public name -> submodule that defines it. Segmentation lives in ``shape_prior`` and
+#: ``segmentation*`` modules, detection in ``recist*`` / ``froc_eval`` modules (not ``froc.py``: a
 #: submodule of that name would shadow the function).
 _EXPORTS: dict[str, str] = {
     # shape priors by pairwise comparison
@@ -21,6 +21,8 @@ _EXPORTS: dict[str, str] = {
     "mask_to_recist": "scaledl.medical.recist_geometry",
     "recist_to_box": "scaledl.medical.recist_geometry",
     "froc": "scaledl.medical.froc_eval",
+    "make_lesion_dataset": "scaledl.medical.lesion_data",
+    "read_dicom_slice": "scaledl.medical.lesion_data",
 }
 
 __all__ = sorted(_EXPORTS)
