@@ -71,6 +71,10 @@ def test_bits_pack_msb_first_and_round_trip():
     assert torch.equal(unpack_bits(packed, 10), bits)
     rnd = torch.randint(0, 2, (4099,), dtype=torch.uint8)
     assert torch.equal(unpack_bits(pack_bits(rnd), 4099), rnd)
+    # all 256 bit patterns (MSB first): the pattern of byte b packs to b
+    patterns = ((torch.arange(256).unsqueeze(1) >> torch.arange(7, -1, -1)) & 1).to(torch.uint8)
+    assert torch.equal(pack_bits(patterns.reshape(-1)), torch.arange(256).to(torch.uint8))
+    assert torch.equal(pack_bits(patterns.reshape(-1).bool()), torch.arange(256).to(torch.uint8))
 
 
 def test_onebit_decodes_scaled_signs():

@@ -179,8 +179,7 @@ def _pack_rows(bits: torch.Tensor) -> torch.Tensor:
         bits = padded
     words = bits.view(torch.uint8).view(torch.int64)  # (rows, nb), a view: no copy
     packed = words * _PACK_MAGIC
-    packed >>= 56
-    packed &= 0xFF
+    packed >>= 56  # arithmetic shift: the low byte is right, the cast to uint8 keeps only it
     return packed.to(torch.uint8)
 
 
