@@ -500,7 +500,10 @@ def _exchange(
         # pre-scale while copying into an fp32 buffer the hook owns (one pass): the sum
         # over ranks is then the mean
         g = torch.empty(padded, dtype=torch.float32, device=buffer.device)
-        torch.div(buffer, n, out=g[:numel])
+        if buffer.dtype == torch.float32:
+            torch.div(buffer, n, out=g[:numel])
+        else:  # divide in fp32, not in the bucket's half precision
+            g[:numel].copy_(buffer).div_(n)
         g[numel:] = 0.0
         result = _MODE_FN[state.mode](state, bs, g, n, it, bi)[:numel].to(buffer.dtype)
     if bucket.is_last():
