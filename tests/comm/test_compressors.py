@@ -75,6 +75,8 @@ def test_bits_pack_msb_first_and_round_trip():
     patterns = ((torch.arange(256).unsqueeze(1) >> torch.arange(7, -1, -1)) & 1).to(torch.uint8)
     assert torch.equal(pack_bits(patterns.reshape(-1)), torch.arange(256).to(torch.uint8))
     assert torch.equal(pack_bits(patterns.reshape(-1).bool()), torch.arange(256).to(torch.uint8))
+    shifted = torch.cat([torch.zeros(3, dtype=torch.uint8), patterns.reshape(-1)])[3:]
+    assert torch.equal(pack_bits(shifted), torch.arange(256).to(torch.uint8))  # misaligned
 
 
 def test_onebit_decodes_scaled_signs():

@@ -173,7 +173,8 @@ def _pack_rows(bits: torch.Tensor) -> torch.Tensor:
     """Pack each row of a 2-D bool/0-1 tensor into ``ceil(cols/8)`` bytes, MSB first."""
     rows, cols = bits.shape
     nb = (cols + 7) // 8
-    if cols % 8 or bits.dtype not in (torch.bool, torch.uint8) or not bits.is_contiguous():
+    plain = bits.dtype in (torch.bool, torch.uint8) and bits.is_contiguous()
+    if cols % 8 or not plain or bits.data_ptr() % 8:  # int64 words need aligned, whole bytes
         padded = torch.zeros(rows, 8 * nb, dtype=torch.uint8, device=bits.device)
         padded[:, :cols] = bits
         bits = padded
