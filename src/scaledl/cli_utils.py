@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -31,7 +32,9 @@ from rich.table import Table
 T = TypeVar("T")
 
 #: Human output; progress and diagnostics go to stderr so ``--json`` stdout stays clean.
-console = Console()
+#: Piped output (logs, CI) gets a wide console instead of rich's 80-column default, so
+#: result tables stay readable; ``COLUMNS`` overrides it.
+console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160")))
 err_console = Console(stderr=True)
 
 
