@@ -29,6 +29,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -156,10 +157,38 @@ def graph_placement(graph, fx_map: dict[str, int]) -> list[int]:
 
 
 # -- measurement --------------------------------------------------------------------------------
-def measure_step(
+def release_device_memory(devices) -> list[int]:
+    """Free everything dead and return the cached blocks to the driver; allocated bytes per
+    physical CUDA device (empty on CPU). Call it only once a configuration's objects are out
+    of scope: emptying the cache while they live leaves their segments reserved (and split by
+    the next configuration's tensors), which the per-process cap counts."""
+    gc.collect()
+    cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
+    for d in cuda:
+        torch.cuda.synchronize(d)
+    if cuda:
+        torch.cuda.empty_cache()
+    out = []
+    for d in cuda:
+        torch.cuda.reset_peak_memory_stats(d)
+        out.append(torch.cuda.memory_allocated(d))
+    return out
+
+
+def error_text(exc: BaseException) -> str:
+    """The full message of a failed configuration (the allocator's OOM text names the
+    reserved-but-unallocated bytes, which tell fragmentation from a real overflow)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_configuration(
     model, placement, devices, inputs, steps: int, warmup: int, leaves=(), order=None
 ) -> dict[str, Any]:
-    """Median training-step seconds of a placed model (Adam, MSE to zero) and peak memory."""
+    """Median training-step seconds of a placed model (Adam, MSE to zero) and peak memory.
+
+    Every object that holds device memory (the placed copy, its optimizer state, activations,
+    and on failure the traceback's frames) lives only in this frame, so it is all freed when
+    the function returns."""
     cuda = devices[0].type == "cuda"
     try:
         pm = PlacedModule(
@@ -173,9 +202,6 @@ def measure_step(
             out.float().square().mean().backward()
             opt.step()
 
-        if cuda:
-            for d in {d for d in devices}:
-                torch.cuda.reset_peak_memory_stats(d)
         for _ in range(warmup):
             step()
         times = []
@@ -198,14 +224,40 @@ def measure_step(
             "copies_per_forward": pm.copies,
             "error": None,
         }
-    except torch.cuda.OutOfMemoryError as exc:
-        return {"step_s": None, "error": f"OOM: {str(exc).splitlines()[0][:80]}"}
     except Exception as exc:  # one failing placement must not end the whole comparison
-        return {"step_s": None, "error": f"{type(exc).__name__}: {str(exc)[:80]}"}
+        text = error_text(exc)
+        kind = "OOM" if isinstance(exc, torch.cuda.OutOfMemoryError) else type(exc).__name__
+        # Drop the frames (and the activations they hold) before anything else is allocated.
+        traceback.clear_frames(exc.__traceback__)
+        return {"step_s": None, "error": text, "error_kind": kind}
+
+
+def measure_step(
+    model,
+    placement,
+    devices,
+    inputs,
+    steps: int,
+    warmup: int,
+    leaves=(),
+    order=None,
+    *,
+    cap_bytes: list[int] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_configuration` in a clean scope: memory released before and after, the cap
+    (``cap_bytes[i]`` for physical CUDA device i, on top of what is already allocated there)
+    applied only for this configuration, and the bytes it left behind reported."""
+    before = release_device_memory(devices)
+    limits = set_caps(devices, cap_bytes, before)
+    try:
+        meas = run_configuration(model, placement, devices, inputs, steps, warmup, leaves, order)
     finally:
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        set_caps(devices, None)
+    after = release_device_memory(devices)
+    meas["allocated_before_gib"] = [b / GIB for b in before]
+    meas["runtime_limit_gib"] = [x / GIB for x in limits]
+    meas["leaked_gib"] = [(a - b) / GIB for a, b in zip(after, before)]
+    return meas
 
 
 def _sync(devices) -> None:
@@ -214,12 +266,32 @@ def _sync(devices) -> None:
             torch.cuda.synchronize(d)
 
 
-def set_caps(devices, cap_bytes: float | None) -> None:
-    for d in set(devices):
-        if d.type == "cuda":
-            total = torch.cuda.get_device_properties(d).total_memory
-            frac = 1.0 if cap_bytes is None else min(1.0, cap_bytes / total)
-            torch.cuda.set_per_process_memory_fraction(frac, d)
+def cuda_devices(devices) -> list[torch.device]:
+    """The distinct CUDA devices of ``devices``, in a fixed order."""
+    return sorted({d for d in devices if d.type == "cuda"}, key=str)
+
+
+def set_caps(devices, cap_bytes: list[int] | None, base: list[int] | None = None) -> list[int]:
+    """Cap each CUDA device's allocator at ``base + cap`` bytes (``None``: no cap) and return
+    the limits. ``torch.cuda.set_per_process_memory_fraction`` bounds *reserved* memory, so the
+    cap is stated on top of the bytes already *allocated* (``base``), never of a reserve."""
+    limits = []
+    for i, d in enumerate(cuda_devices(devices)):
+        total = torch.cuda.get_device_properties(d).total_memory
+        limit = total if cap_bytes is None else min(total, (base[i] if base else 0) + cap_bytes[i])
+        torch.cuda.set_per_process_memory_fraction(limit / total, d)
+        limits.append(int(limit))
+    return limits
+
+
+def runtime_caps(specs, fx_map: dict[str, int], cap: int, headroom: int, n: int) -> list[int]:
+    """Per device: the placers' cap, the allocator ``headroom`` and the workspace of foreach
+    Adam (one temporary as large as the device's trainable parameters: ``_foreach_sqrt`` of
+    the second moments), which the per-op memory model does not hold."""
+    trainable = [0] * n
+    for s in specs:
+        trainable[fx_map[s.name]] += s.trainable_bytes
+    return [cap + headroom + t for t in trainable]
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -237,10 +309,8 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
     )
     profile_s = time.perf_counter() - t0
     graph = traced.op_graph()
-    model = model.cpu()
-    gc.collect()
-    if dev0.type == "cuda":
-        torch.cuda.empty_cache()
+    model = model.cpu()  # each configuration places its own copy
+    release_device_memory(devices)
     single_est = single_device_memory(graph, comm)
     cap = forcing_cap(graph, single_est, 2, args.cap_fraction)
     cluster = Cluster([cap, cap], comm, contention=args.contention)
@@ -277,13 +347,23 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
             continue
         gp = graph_placement(graph, cand["fx"])
         sims = {c: simulate(graph, gp, cluster, contention=c) for c in ("shared", "link", "none")}
-        est_peak = max(sims["shared"].peak_memory)
-        set_caps(devices, None if cand.get("uncapped") else cap + args.headroom_gib * GIB)
-        placement: Any = cand["fx"]
-        meas = measure_step(
-            model, placement, devices, inputs, args.steps, args.warmup, leaves, cand.get("order")
+        est_peak = max(sims[args.contention].peak_memory)
+        caps = (
+            None
+            if cand.get("uncapped")
+            else runtime_caps(traced.specs, cand["fx"], cap, int(args.headroom_gib * GIB), 2)
         )
-        set_caps(devices, None)
+        meas = measure_step(
+            model,
+            cand["fx"],
+            devices,
+            inputs,
+            args.steps,
+            args.warmup,
+            leaves,
+            cand.get("order"),
+            cap_bytes=caps,
+        )
         fid = {
             c: (abs(s.makespan - meas["step_s"]) / meas["step_s"] if meas["step_s"] else None)
             for c, s in sims.items()
@@ -304,7 +384,7 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
                 label,
                 len(rec["devices_used"]),
                 "yes" if rec["fits_cap"] else "no",
-                f"{meas['step_s'] * 1e3:.2f}" if meas["step_s"] else meas["error"][:30],
+                f"{meas['step_s'] * 1e3:.2f}" if meas["step_s"] else meas["error_kind"],
                 f"{sims[args.contention].makespan * 1e3:.2f}",
                 f"{fid[args.contention]:.1%}" if fid[args.contention] is not None else "-",
                 f"{cand['placement_s']:.3f}" if cand.get("placement_s") is not None else "-",
@@ -441,6 +521,10 @@ def main() -> None:
         ],
         all_rows,
     )
+    for info in infos:  # the full text of each failure (the table shows its kind only)
+        for r in info["records"]:
+            if r.get("error"):
+                print(f"{info['model']} / {r['placement']}: {r['error']}")
     cluster_rows = [
         [
             info["model"],

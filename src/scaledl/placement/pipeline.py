@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from scaledl.placement.bounds import lower_bounds
+from scaledl.placement.bounds import InfeasiblePlacementError, lower_bounds
 from scaledl.placement.cost_model import GIB, Cluster, Roofline
 from scaledl.placement.graph import OpGraph
 from scaledl.placement.m_etf import m_etf
@@ -99,6 +99,10 @@ class Plan:
         return out
 
 
+#: Re-plans with tightened limits when the fused graph's plan overflows the original graph.
+MEMORY_REPLANS = 4
+
+
 def place_graph(
     graph: OpGraph,
     cluster: Cluster,
@@ -109,7 +113,15 @@ def place_graph(
     **options: Any,
 ) -> Plan:
     """Shrink ``graph`` (groups capped at ``max_group_fraction`` of the smallest device), place
-    it with ``algorithm`` and map the placement back to every node."""
+    it with ``algorithm`` and map the placement back to every node.
+
+    The placer budgets memory on the fused graph, whose accounting can differ slightly from the
+    original graph's (a fused node's inputs and temporaries are charged at different times). So
+    the mapped-back placement is replayed on the original graph with the placers' no-free
+    accounting; if a device overflows, the placer runs again with that device's limit lowered by
+    the overflow (up to :data:`MEMORY_REPLANS` times). The returned plan never exceeds
+    ``cluster.memory`` in that replay, nor in :func:`simulate`'s (which frees memory).
+    """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
     t0 = time.perf_counter()
@@ -118,8 +130,30 @@ def place_graph(
     if shrink_graph:
         sg = shrink(graph, max_group_bytes=int(min(cluster.memory) * max_group_fraction))
         target = sg.graph
-    result = ALGORITHMS[algorithm](target, cluster, **options)
-    placement = sg.expand(result.placement) if sg is not None else result.placement
+    limits = list(cluster.memory)
+    over = [0]
+    for _ in range(MEMORY_REPLANS + 1):
+        result = ALGORITHMS[algorithm](target, replace(cluster, memory=limits), **options)
+        placement = sg.expand(result.placement) if sg is not None else result.placement
+        if sg is None:  # the placer's own accounting was on this very graph
+            break
+        peak = simulate(graph, placement, cluster, release_memory=False).peak_memory
+        over = [p - m for p, m in zip(peak, cluster.memory)]
+        tighter = [lim - max(o, 0) for lim, o in zip(limits, over)]
+        if max(over) <= 0 or min(tighter) <= 0:
+            break
+        limits = tighter
+    if max(over) > 0:
+        d = int(np.argmax(over))
+        raise InfeasiblePlacementError(
+            f"{algorithm}: its placement overflows device {d} by {over[d] / GIB:.3g} GiB on the "
+            f"original graph even after re-planning with tighter limits: add memory or "
+            "devices, or pass shrink_graph=False",
+            lower_bounds(graph, cluster)["min_devices"],
+        )
+    # Report against the caller's limits; the (possibly tightened) ones used are kept as extra.
+    result.extra["planned_memory_limits"] = [int(x) for x in limits]
+    result.cluster = cluster
     return Plan(graph, sg, result, placement, time.perf_counter() - t0)
 
 
