@@ -1,0 +1,100 @@
+"""The GPU benchmark's configuration runner (``bench/placement_gpu.py``), checked on CPU: each
+configuration's model copy, optimizer state and activations are gone before the next starts,
+and a failure keeps its full error text."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import pathlib
+import sys
+import warnings
+
+import pytest
+import torch
+
+from scaledl.placement.trace import symbolic_trace
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "placement_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("placement_gpu_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() pokes deprecated module attributes
+        warnings.simplefilter("ignore", FutureWarning)
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def _configuration(bench):
+    torch.manual_seed(0)
+    model, inputs, leaves, expert_rule = bench.MODELS["branches"](True)
+    gm = symbolic_trace(model, leaves)
+    return model, inputs, leaves, bench.follow_inputs(gm, expert_rule)
+
+
+def _spy_releases(bench, monkeypatch) -> list[int]:
+    """Live tensors each time the runner releases device memory (before and after a run)."""
+    seen: list[int] = []
+    real = bench.release_device_memory
+
+    def spy(devices):
+        out = real(devices)
+        seen.append(_live_tensors())
+        return out
+
+    monkeypatch.setattr(bench, "release_device_memory", spy)
+    return seen
+
+
+def test_configuration_leaves_nothing_alive_when_memory_is_released(bench, monkeypatch) -> None:
+    model, inputs, leaves, placement = _configuration(bench)
+    devices = [torch.device("cpu")] * 2
+    seen = _spy_releases(bench, monkeypatch)
+    for _ in range(2):
+        meas = bench.measure_step(model, placement, devices, inputs, 2, 1, leaves)
+        assert meas["error"] is None and meas["step_s"] > 0
+    # The release after each configuration sees exactly the tensors alive before it: the placed
+    # copy, its gradients, Adam state and activations were freed before the cache is emptied.
+    assert seen == [seen[0]] * 4
+    assert meas["leaked_gib"] == [] and meas["runtime_limit_gib"] == []
+
+
+def test_failed_configuration_keeps_full_error_and_frees_its_frames(bench, monkeypatch) -> None:
+    model, inputs, leaves, placement = _configuration(bench)
+    message = "CUDA out of memory. Tried to allocate 128.00 MiB. GPU 0 has a total capacity of " + (
+        "139.80 GiB of which 1.2 GiB is free; 7.9 GiB reserved by PyTorch but unallocated."
+    )
+
+    def fail(module, args, out):  # after the branches ran, so activations exist
+        raise torch.cuda.OutOfMemoryError(message)
+
+    model.out.register_forward_hook(fail)
+    devices = [torch.device("cpu")] * 2
+    seen = _spy_releases(bench, monkeypatch)
+    meas = bench.measure_step(model, placement, devices, inputs, 2, 1, leaves)
+    assert meas["step_s"] is None and meas["error_kind"] == "OOM"
+    assert meas["error"] == f"OutOfMemoryError: {message}"  # not cut at 80 characters
+    assert seen[1] == seen[0]
+
+
+def test_runtime_caps_add_headroom_and_foreach_adam_workspace(bench) -> None:
+    model, inputs, leaves, placement = _configuration(bench)
+    traced = bench.trace(model, inputs, leaf_modules=leaves)
+    caps = bench.runtime_caps(traced.specs, placement, cap=1000, headroom=10, n=2)
+    # Foreach Adam's workspace: every trainable parameter byte of the modules on the device.
+    trainable = [0, 0]
+    for node in traced.module.graph.nodes:
+        if node.op == "call_module":
+            sub = traced.module.get_submodule(node.target)
+            trainable[placement[node.name]] += sum(p.numel() * 4 for p in sub.parameters())
+    assert min(trainable) > 0 and caps == [1010 + t for t in trainable]
