@@ -37,7 +37,6 @@ import argparse
 import gc
 import glob
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,16 +47,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table, save_results
+from link import NCCL_SOCKET_ENV, LinkShaper
 
 from scaledl.comm.accounting import interface_bytes
 from scaledl.distributed import launch
-
-NCCL_SOCKET_ENV = {
-    "NCCL_P2P_DISABLE": "1",
-    "NCCL_SHM_DISABLE": "1",
-    "NCCL_IB_DISABLE": "1",
-    "NCCL_SOCKET_IFNAME": "lo",
-}
 
 #: (label, kind, options). kind: noop | ddp | fp16_hook | powersgd | ours
 CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -307,37 +300,6 @@ def _rank_job(
 
 
 # ---------------------------------------------------------------------------- host side
-class LinkShaper:
-    """The tc commands that shape and unshape ``lo``; checks once that they work."""
-
-    def __init__(self, tc: str | None) -> None:
-        self.tc = tc or shutil.which("tc")
-        self.reason = None if self.tc else "tc not found"
-
-    def commands(self, rate: str) -> tuple[list[str], list[str]]:
-        assert self.tc is not None
-        shape = [self.tc, "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate]
-        shape += ["burst", "4mb", "latency", "100ms", "mtu", "100000"]
-        return shape, [self.tc, "qdisc", "del", "dev", "lo", "root"]
-
-    def usable(self, rate: str) -> bool:
-        """Apply and remove the qdisc once (needs root); records why not."""
-        if self.tc is None:
-            return False
-        on, off = self.commands(rate)
-        proc = subprocess.run(on, capture_output=True, text=True)
-        if proc.returncode != 0:
-            self.reason = f"tc failed: {proc.stderr.strip() or proc.returncode}"
-            self.tc = None
-            return False
-        subprocess.run(off, capture_output=True)
-        return True
-
-    def clear(self) -> None:
-        if self.tc:
-            subprocess.run(self.commands("1gbit")[1], capture_output=True)
-
-
 def _steps_to_target(losses: list[float], target: float, window: int = 5) -> int | None:
     for i in range(window, len(losses) + 1):
         if sum(losses[i - window : i]) / window <= target:

@@ -9,7 +9,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    scripts = sorted(p for p in HERE.glob("*.py") if p.name not in {"common.py", "list.py"})
+    scripts = sorted(
+        p for p in HERE.glob("*.py") if p.name not in {"common.py", "link.py", "list.py"}
+    )
     print("Benchmarks (results are recorded in docs/benchmarks.md):\n")
     if not scripts:
         print("  (none yet)")

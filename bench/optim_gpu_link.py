@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import time
 from typing import Any
@@ -32,19 +30,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch
 import torch.distributed as dist
 from common import print_table, save_results
+from link import NCCL_SOCKET_ENV, LinkShaper
 from torch import nn
 
 from scaledl.comm.accounting import CommStats
 from scaledl.distributed import launch
 from scaledl.optim import CSER, LocalAdaAlter, LocalSGD, RandomBlock, averaged_model
 from scaledl.optim._common import allreduce_mean_packed_, dense_model_bytes
-
-NCCL_SOCKETS = {
-    "NCCL_P2P_DISABLE": "1",
-    "NCCL_SHM_DISABLE": "1",
-    "NCCL_IB_DISABLE": "1",
-    "NCCL_SOCKET_IFNAME": "lo",
-}
 
 #: (label, kind, options); lr for the SGD family and for Local AdaAlter
 METHODS: list[tuple[str, str, dict[str, Any]]] = [
@@ -191,10 +183,6 @@ def _rank_main(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _tc(tc: str, *args: str) -> None:
-    subprocess.run([tc, "qdisc", *args], check=True, capture_output=True, text=True)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU, gloo, small model (< 2 min)")
@@ -236,31 +224,13 @@ def main() -> int:
         for p in ResidualMLP(cfg["d_in"], cfg["width"], cfg["depth"], cfg["d_out"]).parameters()
     )
     link = "unshaped loopback"
-    env = dict(NCCL_SOCKETS) if cuda else {}
-    if args.tc:
-        tc = shutil.which(args.tc) or args.tc
-        try:
-            _tc(
-                tc,
-                "replace",
-                "dev",
-                "lo",
-                "root",
-                "tbf",
-                "rate",
-                args.rate,
-                "burst",
-                "4mb",
-                "latency",
-                "100ms",
-                "mtu",
-                "100000",
-            )
+    env = dict(NCCL_SOCKET_ENV) if cuda else {}
+    shaper = LinkShaper(args.tc) if args.tc else None
+    if shaper is not None:
+        if shaper.apply(args.rate):
             link = f"lo shaped to {args.rate} (tc tbf)"
-        except (OSError, subprocess.CalledProcessError) as exc:
-            detail = getattr(exc, "stderr", "") or str(exc)
-            link = f"unshaped loopback (tc failed: {detail.strip()})"
-            args.tc = None
+        else:
+            link = f"unshaped loopback ({shaper.reason})"
     print(
         f"{n_params / 1e6:.1f}M parameters, 2 ranks, {'NCCL over sockets' if cuda else 'gloo'}, "
         f"{link}",
@@ -273,8 +243,8 @@ def main() -> int:
         )[0]
         total = time.perf_counter() - start
     finally:
-        if args.tc:
-            _tc(shutil.which(args.tc) or args.tc, "del", "dev", "lo", "root")
+        if shaper is not None:
+            shaper.clear()
     sync = results[0]
     rows = []
     for r in results:
