@@ -163,9 +163,8 @@ def release_device_memory(devices) -> list[int]:
     of scope: emptying the cache while they live leaves their segments reserved (and split by
     the next configuration's tensors), which the per-process cap counts."""
     gc.collect()
-    cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
-    for d in cuda:
-        torch.cuda.synchronize(d)
+    cuda = cuda_devices(devices)
+    _sync(cuda)
     if cuda:
         torch.cuda.empty_cache()
     out = []
@@ -189,7 +188,6 @@ def run_configuration(
     Every object that holds device memory (the placed copy, its optimizer state, activations,
     and on failure the traceback's frames) lives only in this frame, so it is all freed when
     the function returns."""
-    cuda = devices[0].type == "cuda"
     try:
         pm = PlacedModule(
             copy.deepcopy(model), placement, devices, leaf_modules=leaves, order=order
@@ -212,11 +210,7 @@ def run_configuration(
             _sync(devices)
             times.append(time.perf_counter() - t0)
         times.sort()
-        peak = (
-            [torch.cuda.max_memory_allocated(d) / GIB for d in sorted(set(devices), key=str)]
-            if cuda
-            else []
-        )
+        peak = [torch.cuda.max_memory_allocated(d) / GIB for d in cuda_devices(devices)]
         return {
             "step_s": times[len(times) // 2],
             "spread_s": (times[(3 * len(times)) // 4] - times[len(times) // 4]) / 2,
@@ -261,9 +255,8 @@ def measure_step(
 
 
 def _sync(devices) -> None:
-    for d in set(devices):
-        if d.type == "cuda":
-            torch.cuda.synchronize(d)
+    for d in cuda_devices(devices):
+        torch.cuda.synchronize(d)
 
 
 def cuda_devices(devices) -> list[torch.device]:
