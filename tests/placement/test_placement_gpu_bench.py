@@ -98,3 +98,25 @@ def test_runtime_caps_add_headroom_and_foreach_adam_workspace(bench) -> None:
             sub = traced.module.get_submodule(node.target)
             trainable[placement[node.name]] += sum(p.numel() * 4 for p in sub.parameters())
     assert min(trainable) > 0 and caps == [1010 + t for t in trainable]
+
+
+def test_caps_are_stated_on_allocated_bytes_and_lifted(bench, monkeypatch) -> None:
+    """The per-process fraction bounds reserved memory: the cap goes on top of what is already
+    allocated on each GPU, is clamped to the card, and ``None`` lifts it (fraction 1)."""
+    total = 100 * 2**30
+    calls: list[tuple[float, str]] = []
+
+    class Props:
+        total_memory = total
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props)
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, str(d)))
+    )
+    devices = [torch.device("cuda", 1), torch.device("cuda", 0)]
+    limits = bench.set_caps(devices, [30 * 2**30, 120 * 2**30], [2**30, 0])
+    assert limits == [31 * 2**30, total]
+    assert calls == [(0.31, "cuda:0"), (1.0, "cuda:1")]
+    calls.clear()
+    assert bench.set_caps(devices, None) == [total, total]
+    assert calls == [(1.0, "cuda:0"), (1.0, "cuda:1")]
