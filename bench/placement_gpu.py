@@ -5,13 +5,15 @@ For each model (synthetic parallel branches, the 6+6 Transformer, an Inception-s
 1. profile every node's forward and backward on GPU 0 (CUDA events, median) and fit the
    GPU0 -> GPU1 copy cost (latency + bytes / bandwidth) from a transfer sweep;
 2. set a per-device memory cap that forces a split (``--cap-fraction`` of the estimated
-   single-device training memory; the runtime cap adds ``--headroom-gib`` for the CUDA
-   allocator, via ``torch.cuda.set_per_process_memory_fraction``);
+   single-device training memory; the runtime cap, set per configuration with
+   ``torch.cuda.set_per_process_memory_fraction`` and lifted after it, sits on top of the bytes
+   already allocated and adds ``--headroom-gib`` for the CUDA allocator plus foreach Adam's
+   workspace);
 3. place the training graph with m-TOPO, m-ETF and m-SCT, and build the baselines: single
    device (uncapped reference), a hand-written expert split, a sequential memory fill like
    Accelerate's ``device_map="auto"`` and an equal-size two-stage pipeline split;
-4. run each placement with ``PlacedModule`` (Adam, MSE loss; median step time over
-   ``--steps`` after warm-up) and compare with the simulator: |simulated - measured| / measured
+4. run each placement with ``PlacedModule`` in its own scope (Adam, MSE loss; median step
+   time over ``--steps`` after warm-up; memory released before and after) and compare with the simulator: |simulated - measured| / measured
    for each contention model;
 5. place the same profiled graphs on simulated 4- and 8-device clusters.
 
