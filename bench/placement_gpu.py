@@ -13,8 +13,8 @@ For each model (synthetic parallel branches, the 6+6 Transformer, an Inception-s
    device (uncapped reference), a hand-written expert split, a sequential memory fill like
    Accelerate's ``device_map="auto"`` and an equal-size two-stage pipeline split;
 4. run each placement with ``PlacedModule`` in its own scope (Adam, MSE loss; median step
-   time over ``--steps`` after warm-up; memory released before and after) and compare with the simulator: |simulated - measured| / measured
-   for each contention model;
+   time over ``--steps`` after warm-up; memory released before and after) and compare with
+   the simulator: |simulated - measured| / measured for each contention model;
 5. place the same profiled graphs on simulated 4- and 8-device clusters.
 
 ``--quick`` runs tiny models on CPU with two logical devices and roofline costs (< 2 min;
