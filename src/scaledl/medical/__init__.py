@@ -7,8 +7,7 @@ scikit-image until a model or data generator is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from scaledl._lazy import lazy_exports
 
 #: public name -> submodule that defines it. Segmentation lives in ``shape_prior`` and
 #: ``segmentation*`` modules, detection in ``recist*`` / ``froc_eval`` modules (not ``froc.py``: a
@@ -28,10 +27,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'scaledl.medical' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
