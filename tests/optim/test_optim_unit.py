@@ -188,7 +188,9 @@ def test_wrapper_checkpoint_rejects_mismatched_buffers():
 def test_adaalter_uses_the_accumulator_before_the_gradient():
     torch.manual_seed(0)
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    opt = AdaAlter([w], lr=0.1, eps=1e-7, initial_accumulator_value=0.5, weight_decay=0.01)
+    opt = AdaAlter(
+        [w], lr=0.1, eps=1e-7, initial_accumulator_value=0.5, weight_decay=0.01, update_clip=None
+    )
     x, acc = w.detach().clone(), torch.full((3,), 0.5, dtype=torch.float64)
     for k in range(4):
         g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) * (k + 1)
@@ -211,6 +213,37 @@ def test_adaalter_clipping_modes():
     opt.max_grad_norm, opt.clip_mode = 1.0, "value"
     opt.step()
     assert torch.equal(v.detach(), torch.tensor([-1.0, 0.5], dtype=torch.float64))
+
+
+def _tiny_then_large_gradients(**kwargs) -> torch.Tensor:
+    """Local AdaAlter (lr 0.01, zero initial accumulator, 20 warm-up steps, H = 8) on a
+    coordinate whose warm-up gradients are tiny (1e-5), so the frozen B ≈ 2e-9, and which
+    then sees f(w) = w²/2 from w ≈ 1."""
+    w = torch.ones(4, requires_grad=True)
+    opt = LocalAdaAlter([w], lr=0.01, period=8, warmup_steps=20, **kwargs)
+    for t in range(40):
+        w.grad = torch.full_like(w, 1e-5) if t < 20 else w.detach().clone()
+        opt.step()
+    return w.detach()
+
+
+def test_adaalter_update_clip_floors_a_near_zero_frozen_denominator():
+    # Unguarded, each local step multiplies w by 1 - 0.01/sqrt(1e-7 + 2e-9) ≈ -30: ~1e11
+    # after 8 frozen steps (the GPU benchmark's NaN, in one coordinate).
+    assert _tiny_then_large_gradients(update_clip=None).abs().max() > 1e3
+    # The floor bounds every step by lr: w only moves towards the optimum.
+    assert _tiny_then_large_gradients().abs().max() <= 1.0
+    # It is inactive where g² <= c²(B + eps): the step equals the unguarded one.
+    a = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    for p, clip in ((a, 1.0), (b, None)):
+        p.grad = p.detach().clone()
+        AdaAlter([p], lr=0.1, initial_accumulator_value=0.5, update_clip=clip).step()
+    assert torch.equal(a, b)
+    c = torch.zeros(2, requires_grad=True)
+    c.grad = torch.tensor([3.0, -0.1])
+    AdaAlter([c], lr=1.0, eps=0.0, initial_accumulator_value=1.0, update_clip=0.5).step()
+    assert torch.equal(c.detach(), torch.tensor([-0.5, 0.1]))
 
 
 def test_local_adaalter_h1_on_one_process_is_adaalter():
@@ -257,6 +290,7 @@ def test_local_adaalter_frozen_plus_eps_differs():
         ({"weight_decay": -1.0}, "weight_decay"),
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
         ({"clip_mode": "norm"}, "clip_mode"),
+        ({"update_clip": 0.0}, "update_clip"),
         ({"period": 0}, "period"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"denominator": "thawed"}, "denominator"),

@@ -60,6 +60,14 @@ class AdaAlter(Optimizer):
     as starting ``B`` at ``eps``. ``max_grad_norm`` clips the gradient first (``clip_mode``
     ``"global_norm"`` over the parameters being stepped, or ``"value"``). With DDP it is an
     ordinary optimizer: DDP averages the gradients.
+
+    ``update_clip`` (default 1.0) clamps each coordinate of ``g / sqrt(B + eps)`` to
+    ``[-update_clip, update_clip]``, i.e. floors the denominator at ``|g| / update_clip``.
+    AdaGrad's ratio ``g / sqrt(B + g²)`` never exceeds 1, but AdaAlter's ``B`` excludes ``g``:
+    with a zero (or tiny) accumulator, or a denominator frozen while a coordinate's early
+    gradients were tiny, the ratio is unbounded (``|g| / sqrt(eps)`` ≈ 3162·|g| at the default
+    eps) and training diverges. The clamp restores AdaGrad's bound and is inactive whenever
+    ``g² <= update_clip²·(B + eps)``; ``None`` gives the paper's unguarded rule.
     """
 
     def __init__(
@@ -71,6 +79,7 @@ class AdaAlter(Optimizer):
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
         clip_mode: str = "global_norm",
+        update_clip: float | None = 1.0,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
@@ -86,6 +95,8 @@ class AdaAlter(Optimizer):
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
         if clip_mode not in _CLIP_MODES:
             raise ValueError(f"clip_mode must be one of {_CLIP_MODES}, got {clip_mode!r}")
+        if update_clip is not None and not update_clip > 0:
+            raise ValueError(f"update_clip must be positive or None, got {update_clip!r}")
         defaults = dict(
             lr=lr,
             eps=eps,
@@ -95,6 +106,7 @@ class AdaAlter(Optimizer):
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.clip_mode = clip_mode
+        self.update_clip = update_clip
 
     def _with_grads(self) -> list[tuple[dict, torch.Tensor]]:
         return [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -108,12 +120,14 @@ class AdaAlter(Optimizer):
             state["step"] = torch.zeros((), dtype=torch.int64)
         return state[name]
 
-    @staticmethod
     def _apply(
-        p: torch.Tensor, g: torch.Tensor, denom_sq: torch.Tensor, lr: float, group: dict
+        self, p: torch.Tensor, g: torch.Tensor, denom_sq: torch.Tensor, lr: float, group: dict
     ) -> None:
         # x ← x - lr·(g / sqrt(B + eps) + wd·x), with B the accumulator before g.
         update = g / torch.sqrt(denom_sq + group["eps"])
+        if self.update_clip is not None:
+            # Denominator floor |g|/c: AdaGrad's per-coordinate bound, lost when B excludes g.
+            update = update.clamp(-self.update_clip, self.update_clip)
         if group["weight_decay"]:
             update = update + group["weight_decay"] * p
         p.sub_(lr * update)
@@ -146,7 +160,9 @@ class LocalAdaAlter(AdaAlter):
       (one flat all-reduce per dtype) and ``B ← B_i``.
 
     ``denominator="frozen_plus_eps"`` adds ``k·eps²`` inside the root after ``k`` local steps
-    (a variant from the paper's analysis, not in the official dense code). The step counter
+    (a variant from the paper's analysis, not in the official dense code). ``update_clip`` is
+    :class:`AdaAlter`'s denominator floor; it matters most here, where ``B`` stays frozen for
+    ``period`` steps. The step counter
     lives in each parameter's state, so ``state_dict`` holds ``B``, ``B_i``, the phase and the
     step; a resumed run follows the same trajectory. ``stats`` counts bytes on the wire.
     """
@@ -164,9 +180,17 @@ class LocalAdaAlter(AdaAlter):
         clip_mode: str = "global_norm",
         denominator: str = "frozen",
         group: Any = None,
+        update_clip: float | None = 1.0,
     ) -> None:
         super().__init__(
-            params, lr, eps, initial_accumulator_value, weight_decay, max_grad_norm, clip_mode
+            params,
+            lr,
+            eps,
+            initial_accumulator_value,
+            weight_decay,
+            max_grad_norm,
+            clip_mode,
+            update_clip,
         )
         self.period = check_period(period)
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
