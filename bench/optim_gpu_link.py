@@ -21,6 +21,7 @@ Needs only torch (and ``tc`` with CAP_NET_ADMIN for shaping).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -44,7 +45,7 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("CSER block 33x", "cser", {"r1": 64, "r2": 4, "period": 16}),
     ("CSER block 260x", "cser", {"r1": 512, "r2": 16, "period": 32}),
     ("local SGD H=16", "local-sgd", {"period": 16}),
-    ("Local AdaAlter H=8", "local-adaalter", {"period": 8, "warmup": 20}),
+    ("Local AdaAlter H=8", "local-adaalter", {"period": 8}),
 ]
 
 
@@ -83,8 +84,9 @@ def _build(kind: str, opts: dict[str, Any], model: nn.Module, cfg: dict[str, Any
             params,
             lr=cfg["ada_lr"],
             period=opts["period"],
-            warmup_steps=opts["warmup"],
+            warmup_steps=cfg["ada_warmup"],
             initial_accumulator_value=cfg["ada_init"],
+            update_clip=cfg["ada_update_clip"],
         )
         return opt, False
     sgd = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, nesterov=True)
@@ -155,6 +157,8 @@ def _rank_main(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                 curve.append({"step": step, "train_s": clock, "val_loss": val})
                 if target is not None and reached is None and val <= target:
                     reached = {"time_s": clock, "step": step}
+                if not math.isfinite(val):  # diverged: nothing more to learn from this run
+                    break
         if target is None:  # the first method (sync SGD) defines it
             target = curve[-1]["val_loss"] * (1 + cfg["slack"])
             for c in curve:
@@ -197,6 +201,14 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.02, help="SGD-family learning rate")
     ap.add_argument("--ada-lr", type=float, default=0.01, help="Local AdaAlter learning rate")
     ap.add_argument("--ada-init", type=float, default=0.0, help="AdaAlter initial accumulator")
+    ap.add_argument("--ada-warmup", type=int, default=20, help="Local AdaAlter warm-up steps")
+    ap.add_argument(
+        "--ada-update-clip",
+        type=float,
+        default=1.0,
+        help="AdaAlter per-coordinate clip of g/sqrt(B+eps) (<= 0: off, the unguarded rule "
+        "that diverged with a zero initial accumulator)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -213,6 +225,8 @@ def main() -> int:
         "lr": args.lr,
         "ada_lr": args.ada_lr,
         "ada_init": args.ada_init,
+        "ada_warmup": args.ada_warmup,
+        "ada_update_clip": args.ada_update_clip if args.ada_update_clip > 0 else None,
         "budget_s": args.budget_s or (25.0 if cuda else 6.0),
         "max_steps": 5000 if cuda else 400,
         "eval_every_s": args.eval_every_s or (1.5 if cuda else 0.5),
