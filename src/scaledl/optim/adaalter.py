@@ -66,7 +66,7 @@ class AdaAlter(Optimizer):
     AdaGrad's ratio ``g / sqrt(B + g²)`` never exceeds 1, but AdaAlter's ``B`` excludes ``g``:
     with a zero (or tiny) accumulator, or a denominator frozen while a coordinate's early
     gradients were tiny, the ratio is unbounded (``|g| / sqrt(eps)`` ≈ 3162·|g| at the default
-    eps) and training diverges. The clamp restores AdaGrad's bound and is inactive whenever
+    eps) and training can diverge. The clamp restores AdaGrad's bound and is inactive whenever
     ``g² <= update_clip²·(B + eps)``; ``None`` gives the paper's unguarded rule.
     """
 
@@ -162,9 +162,9 @@ class LocalAdaAlter(AdaAlter):
     ``denominator="frozen_plus_eps"`` adds ``k·eps²`` inside the root after ``k`` local steps
     (a variant from the paper's analysis, not in the official dense code). ``update_clip`` is
     :class:`AdaAlter`'s denominator floor; it matters most here, where ``B`` stays frozen for
-    ``period`` steps. The step counter
-    lives in each parameter's state, so ``state_dict`` holds ``B``, ``B_i``, the phase and the
-    step; a resumed run follows the same trajectory. ``stats`` counts bytes on the wire.
+    ``period`` steps. The step counter lives in each parameter's state, so ``state_dict`` holds
+    ``B``, ``B_i``, the phase and the step; a resumed run follows the same trajectory.
+    ``stats`` counts bytes on the wire.
     """
 
     def __init__(
