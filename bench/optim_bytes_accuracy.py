@@ -218,7 +218,8 @@ def main() -> int:
                     100 * (sgd_acc - r["final_accuracy"]) <= 0.5
                 )
     # Local AdaAlter's target: each method at its best lr of the shared grid, mean over seeds.
-    best = best_per_method([r for r in records if r["spec"]["optimizer"] != "local-sgd"])
+    ada_opts = ("adagrad", "adaalter", "local-adaalter")
+    best = best_per_method([r for r in records if r["spec"]["optimizer"] in ada_opts])
     if "sync AdaGrad" in best:
         print_table(
             f"AdaGrad family, best lr of {list(lrs)} per method, mean over seeds {seeds}",
