@@ -3,6 +3,7 @@ all-reduces, wire-byte formulas, counter-based keys and the wrapper base class."
 
 from __future__ import annotations
 
+import abc
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -110,7 +111,7 @@ def dense_model_bytes(params: Iterable[torch.Tensor], world: int) -> int:
     return allreduce_wire_bytes(4 * sum(p.numel() for p in params), world)
 
 
-class SyncWrapper(Optimizer):
+class SyncWrapper(Optimizer, abc.ABC):
     """Base of the wrappers that run a local optimizer, then synchronise (or not).
 
     It shares ``param_groups`` with the wrapped optimizer, so learning-rate schedulers work
@@ -181,9 +182,9 @@ class SyncWrapper(Optimizer):
         self.steps_done += 1
         return loss
 
+    @abc.abstractmethod
     def _synchronize(self, step: int, previous: list[torch.Tensor] | None) -> dict[str, int]:
         """Synchronise after local step ``step``; return bytes sent per collective kind."""
-        raise NotImplementedError
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.local_opt.zero_grad(set_to_none=set_to_none)
