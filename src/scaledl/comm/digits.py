@@ -15,21 +15,15 @@ import torch.distributed as dist
 from torch import nn
 
 from scaledl.comm.hooks import CompressionState, compression_hook, replica_divergence
+from scaledl.datasets import load_digits_shuffled
 
 __all__ = ["digits_mlp", "load_digits_split", "train_digits", "train_digits_many"]
 
 
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_test, y_test): standardised features, a fixed 75/25 split."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ValueError("the digits task needs scikit-learn (pip install scaledl[data])") from exc
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.int64)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
+    x, y = load_digits_shuffled(seed)
+    x = x.flatten(1)
     cut = int(0.75 * len(x))
     mean, std = x[:cut].mean(0), x[:cut].std(0).clamp_min(1e-3)
     x = (x - mean) / std

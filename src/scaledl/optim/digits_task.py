@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from scaledl.comm.accounting import CommStats
+from scaledl.datasets import load_digits_shuffled
 from scaledl.optim._common import allreduce_mean_packed_, dense_model_bytes, group_size
 from scaledl.optim.adaalter import AdaAlter, LocalAdaAlter
 from scaledl.optim.averaging import averaged_model, broadcast_parameters
@@ -127,15 +128,9 @@ def build_optimizer(
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_test, y_test): 8x8 images scaled to [0, 1], a seeded split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = load_digits_shuffled(seed)
     n_test = int(len(y) * test_fraction)
-    test, train = perm[:n_test], perm[n_test:]
-    return x[train], y[train], x[test], y[test]
+    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
 def make_mlp(seed: int = 0, hidden: int = 128) -> nn.Module:
