@@ -1,13 +1,19 @@
 """Run a placed model across devices: :class:`PlacedModule` (spec §2.9).
 
-The traced ``fx`` graph is executed node by node in the plan's launch order (a stable
-topological order keyed by simulated start), with each module and its parameters moved to its
-device. A producer's output is copied **once per destination device** and that copy is shared by
-every consumer there. On CUDA each copy runs on a side stream per (source, destination) pair:
-the side stream waits for the producer's stream, the source tensor is marked with
-``record_stream`` (so the allocator does not reuse it early) and the consumer's stream waits for
-the copy just before its first use; no host synchronisation. Copies are differentiable, so
-``loss.backward()`` mirrors every transfer and runs each op's backward on its forward device.
+The traced ``fx`` graph is compiled once into flat launch records (resolved module or
+function, argument slots, device) in the plan's launch order (a stable topological order keyed
+by simulated start), with each module and its parameters moved to its device; ``forward`` then
+does no per-node fx work and switches the CUDA device only when it changes.
+
+A producer's output is copied **once per destination device**, **right after the producer is
+launched**, and that copy is shared by every consumer there. On CUDA each copy runs on a side
+stream per (source, destination) pair: the side stream waits for the producer's stream (so for
+the producer and what was launched before it, as the simulator assumes; a copy issued at first
+use would also wait for everything launched on the source device in between), the source
+tensor is marked with ``record_stream`` and an event is recorded after the copy; the consumer's
+stream waits for that event just before the first use. No host synchronisation. Copies are
+differentiable, so ``loss.backward()`` mirrors every transfer and runs each op's backward on
+its forward device.
 
 On a machine without several GPUs, logical devices may all map to ``cpu``: the execution,
 the copy bookkeeping and the numerics are the same.
@@ -15,10 +21,10 @@ the copy bookkeeping and the numerics are the same.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -78,6 +84,7 @@ class PlacedModule(nn.Module):
         self.order = self._launch_order(nodes, order)
         self._move_parameters(nodes)
         self._streams: dict[tuple[int, int], Any] = {}
+        self._compile()
         #: Copies (and their bytes) of the last forward, between logical devices.
         self.copies = 0
         self.copy_bytes = 0
@@ -136,8 +143,96 @@ class PlacedModule(nn.Module):
             groups.setdefault(p.device, []).append(p)
         return [{"params": ps, "device": str(d)} for d, ps in groups.items()]
 
+    # -- compilation ----------------------------------------------------------------------------
+    def _compile(self) -> None:
+        """Turn the launch order into flat records so that ``forward`` does no fx work.
+
+        Every value lives in one slot of a list: each node's output, each copy of it on another
+        device and each constant argument. A node's arguments become an ``itemgetter`` over
+        slots (a small builder only for nested lists, tuples, dicts and slices).
+        """
+        modules = dict(self.gm.named_modules())
+        dev = self.device_of
+        dests: dict[str, list[int]] = {}  # producer -> the other devices its users run on
+        for node in self.order:
+            for a in node.all_input_nodes:
+                if dev[a.name] != dev[node.name] and dev[node.name] not in dests.get(a.name, []):
+                    dests.setdefault(a.name, []).append(dev[node.name])
+        slot: dict[tuple[str, int], int] = {}
+        for node in self.order:
+            slot[(node.name, dev[node.name])] = len(slot)
+            for d in sorted(dests.get(node.name, ())):
+                slot[(node.name, d)] = len(slot)
+        template: list[Any] = [None] * len(slot)
+
+        def compile_arg(arg: Any, d: int | None) -> int | Callable[[list], Any]:
+            """A slot index (node or constant) or a builder; ``d=None``: the producer's own."""
+            if isinstance(arg, fx.Node):
+                return slot[(arg.name, dev[arg.name] if d is None else d)]
+            if isinstance(arg, (list, tuple, dict, slice)) and _has_node(arg):
+                if isinstance(arg, dict):
+                    parts = {k: _getter(compile_arg(v, d)) for k, v in arg.items()}
+                    return lambda vals: {k: g(vals) for k, g in parts.items()}
+                if isinstance(arg, slice):
+                    s, e, st = (_getter(compile_arg(x, d)) for x in (arg.start, arg.stop, arg.step))
+                    return lambda vals: slice(s(vals), e(vals), st(vals))
+                gets = [_getter(compile_arg(v, d)) for v in arg]
+                if isinstance(arg, tuple) and hasattr(arg, "_fields"):  # a namedtuple
+                    cls = type(arg)
+                    return lambda vals: cls(*(g(vals) for g in gets))
+                make = tuple if isinstance(arg, tuple) else list
+                return lambda vals: make(g(vals) for g in gets)
+            template.append(arg)
+            return len(template) - 1
+
+        waited: set[tuple[str, int]] = set()
+        records: list[_Record] = []
+        for node in self.order:
+            d = dev[node.name]
+            # The copies this node is the first (in launch order) to read on d: its stream waits
+            # for exactly those copies' events, never for the whole copy stream.
+            waits = []
+            for a in node.all_input_nodes:
+                if dev[a.name] != d and (a.name, d) not in waited:
+                    waited.add((a.name, d))
+                    waits.append(slot[(a.name, d)])
+            out = slot[(node.name, d)]
+            copies = tuple((c, slot[(node.name, c)]) for c in sorted(dests.get(node.name, ())))
+            if node.op == "placeholder":
+                records.append(_Record(_PLACEHOLDER, None, _NO_ARGS, None, d, out, copies, ()))
+                continue
+            args = _args_getter([compile_arg(a, d) for a in node.args])
+            kwargs = None
+            if node.kwargs:
+                kwargs = _kwargs_getter({k: compile_arg(v, d) for k, v in node.kwargs.items()})
+            if node.op == "call_module":
+                fn, kind = modules[node.target], _CALL
+            elif node.op == "call_function":
+                fn, kind = node.target, _CALL
+            elif node.op == "call_method":
+                fn, kind = node.target, _METHOD
+            else:  # get_attr: looked up at run time, so re-bound tensors are seen
+                owner_path, _, attr = node.target.rpartition(".")
+                fn, kind = (modules[owner_path] if owner_path else self.gm, attr), _ATTR
+            records.append(_Record(kind, fn, args, kwargs, d, out, copies, tuple(waits)))
+        output = next(n for n in self.gm.graph.nodes if n.op == "output")
+        self._output = _getter(compile_arg(output.args[0], None))
+        self._records = records
+        self._template = template
+        self._cuda_index = [x.index if x.type == "cuda" else None for x in self.devices]
+
+    def launch_sequence(self) -> list[tuple[str, str, int]]:
+        """What ``forward`` issues, in order: ``("run", node, device)`` for each fx node and
+        ``("copy", node, destination)`` for each copy, issued right after its producer so that
+        the copy waits only for the work launched before the producer (as simulated)."""
+        out = []
+        for node, rec in zip(self.order, self._records):
+            out.append(("run", node.name, rec.device))
+            out += [("copy", node.name, c) for c, _ in rec.copies]
+        return out
+
     # -- execution ----------------------------------------------------------------------------
-    def _copy(self, t: torch.Tensor, d: int) -> torch.Tensor:
+    def _copy(self, t: torch.Tensor, d: int, events: dict[int, Any], key: int) -> torch.Tensor:
         dst = self.devices[d]
         self.copies += 1
         self.copy_bytes += t.numel() * t.element_size()
@@ -145,69 +240,134 @@ class PlacedModule(nn.Module):
             return t
         if dst.type != "cuda" or t.device.type != "cuda":
             return t.to(dst)
-        key = (t.device.index, dst.index)
-        if key not in self._streams:
-            self._streams[key] = (
+        pair = (t.device.index, dst.index)
+        if pair not in self._streams:
+            self._streams[pair] = (
                 torch.cuda.Stream(device=t.device),
                 torch.cuda.Stream(device=dst),
             )
-        s_src, s_dst = self._streams[key]
+        s_src, s_dst = self._streams[pair]
+        # Issued right after the producer: the copy waits for it (and the work launched before
+        # it on its device), not for whatever that device runs later.
         s_src.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(s_src), torch.cuda.stream(s_dst):
             y = t.to(dst, non_blocking=True)
         t.record_stream(s_src)
-        consumer = torch.cuda.current_stream(dst)
-        consumer.wait_stream(s_dst)
-        y.record_stream(consumer)
+        # The copy is a two-way barrier of s_src and s_dst, so s_dst has passed it here; the
+        # consumer waits on this event only, not on copies issued after it.
+        ev = events.setdefault(key, [])
+        e = torch.cuda.Event()
+        e.record(s_dst)
+        ev.append((e, y))
         return y
 
     def forward(self, *inputs: Any) -> Any:
-        env: dict[str, Any] = {}
-        copies: dict[tuple[str, int], Any] = {}
+        vals = list(self._template)
+        events: dict[int, list] = {}
         self.copies = self.copy_bytes = 0
         placeholders = iter(inputs)
-        modules = dict(self.gm.named_modules())
-
-        def fetch(node: fx.Node, d: int) -> Any:
-            if self.device_of[node.name] == d:
-                return env[node.name]
-            key = (node.name, d)
-            if key not in copies:  # one copy per (tensor, destination device)
-                copies[key] = tree_map(
-                    lambda t: self._copy(t, d) if isinstance(t, torch.Tensor) else t,
-                    env[node.name],
-                )
-            return copies[key]
-
-        for node in self.order:
-            d = self.device_of[node.name]
-            if node.op == "placeholder":  # inputs start on their node's device
-                env[node.name] = tree_map(
-                    lambda t, d=d: t.to(self.devices[d]) if isinstance(t, torch.Tensor) else t,
-                    next(placeholders),
-                )
-                continue
-            args = fx.node.map_arg(node.args, lambda a, d=d: fetch(a, d))
-            kwargs = fx.node.map_arg(node.kwargs, lambda a, d=d: fetch(a, d))
-            dev = self.devices[d]
-            with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-                if node.op == "call_module":
-                    out = modules[node.target](*args, **kwargs)
-                elif node.op == "call_function":
-                    out = node.target(*args, **kwargs)
-                elif node.op == "call_method":
-                    out = getattr(args[0], node.target)(*args[1:], **kwargs)
-                else:  # get_attr
-                    owner_path, _, attr = node.target.rpartition(".")
-                    out = getattr(modules[owner_path] if owner_path else self.gm, attr)
-            env[node.name] = out
-        output = next(n for n in self.gm.graph.nodes if n.op == "output")
-        result = fx.node.map_arg(output.args[0], lambda a: env[a.name])
+        cuda_index = self._cuda_index
+        restore = torch.cuda.current_device() if any(i is not None for i in cuda_index) else None
+        current = restore
+        try:
+            for kind, fn, args, kwargs, d, out_slot, copies, waits in self._records:
+                idx = cuda_index[d]
+                if idx is not None and idx != current:  # switch only when the device changes
+                    torch.cuda.set_device(idx)
+                    current = idx
+                if idx is not None:
+                    for w in waits:
+                        _wait_copies(events.pop(w, ()), idx)
+                if kind is _CALL:
+                    out = fn(*args(vals), **kwargs(vals)) if kwargs else fn(*args(vals))
+                elif kind is _METHOD:
+                    a = args(vals)
+                    out = getattr(a[0], fn)(*a[1:], **(kwargs(vals) if kwargs else {}))
+                elif kind is _ATTR:
+                    out = getattr(*fn)
+                else:  # placeholder: the input starts on its node's device
+                    dst = self.devices[d]
+                    out = tree_map(
+                        lambda t, dst=dst: t.to(dst) if isinstance(t, torch.Tensor) else t,
+                        next(placeholders),
+                    )
+                vals[out_slot] = out
+                for c, s in copies:
+                    if isinstance(out, torch.Tensor):
+                        vals[s] = self._copy(out, c, events, s)
+                        continue
+                    vals[s] = tree_map(
+                        lambda t, c=c, s=s: (
+                            self._copy(t, c, events, s) if isinstance(t, torch.Tensor) else t
+                        ),
+                        out,
+                    )
+        finally:
+            if restore is not None and current != restore:
+                torch.cuda.set_device(restore)
+        result = self._output(vals)
         if self.output_device is not None:
             result = tree_map(
                 lambda t: t.to(self.output_device) if isinstance(t, torch.Tensor) else t, result
             )
         return result
+
+
+class _Record(NamedTuple):
+    """One launch of :meth:`PlacedModule.forward`, resolved at construction."""
+
+    kind: object
+    fn: Any
+    args: Callable[[list], tuple]
+    kwargs: Callable[[list], dict] | None
+    device: int
+    out: int
+    copies: tuple[tuple[int, int], ...]
+    waits: tuple[int, ...]
+
+
+_CALL, _METHOD, _ATTR, _PLACEHOLDER = object(), object(), object(), object()
+
+
+def _NO_ARGS(vals: list) -> tuple:
+    return ()
+
+
+def _has_node(arg: Any) -> bool:
+    found = []
+    fx.node.map_arg(arg, found.append)
+    return bool(found)
+
+
+def _getter(ref: int | Callable[[list], Any]) -> Callable[[list], Any]:
+    return itemgetter(ref) if isinstance(ref, int) else ref
+
+
+def _args_getter(refs: list[int | Callable[[list], Any]]) -> Callable[[list], tuple]:
+    """Positional arguments from slots: one ``itemgetter`` when every argument is a slot."""
+    if not refs:
+        return _NO_ARGS
+    if all(isinstance(r, int) for r in refs):
+        if len(refs) == 1:
+            i = refs[0]
+            return lambda vals: (vals[i],)
+        return itemgetter(*refs)
+    gets = [_getter(r) for r in refs]
+    return lambda vals: tuple(g(vals) for g in gets)
+
+
+def _kwargs_getter(refs: dict[str, int | Callable[[list], Any]]) -> Callable[[list], dict]:
+    gets = {k: _getter(r) for k, r in refs.items()}
+    return lambda vals: {k: g(vals) for k, g in gets.items()}
+
+
+def _wait_copies(copies: Any, index: int) -> None:
+    """Make device ``index``'s current stream wait for these copies and keep their memory
+    alive for it (the copies were allocated on the copy stream)."""
+    stream = torch.cuda.current_stream(index)
+    for event, y in copies:
+        stream.wait_event(event)
+        y.record_stream(stream)
 
 
 def placement_from_mapping(mapping: Mapping[str, int]) -> dict[str, int]:
