@@ -306,6 +306,8 @@ def test_run_spec_validation_and_ratios():
     assert RunSpec("cser", 0.1, period=16, r1=64, r2=4).expected_ratio == pytest.approx(33.03, 1e-3)
     assert RunSpec("qsparse", 0.1, period=8, ratio=4).expected_ratio == 32
     assert RunSpec("local-adaalter", 0.1, period=8).expected_ratio == 4
+    with pytest.raises(ValueError, match="max_grad_norm must be positive"):
+        RunSpec("adagrad", 0.1, max_grad_norm=0.0)
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         RunSpec("adam", 0.1)
     with pytest.raises(ValueError, match="r1 must be >= 1"):
@@ -329,6 +331,24 @@ def test_cli_bench_json(capsys):
     assert out["bytes_sent_per_rank"] > 0
 
 
+@pytest.mark.dist
+def test_cli_bench_charlm_json(capsys):
+    from scaledl.cli import main
+
+    code = main(
+        ["optim", "bench", "--task", "charlm", "--world-size", "2", "--optimizer",
+         "local-adaalter", "--steps", "24", "--warmup-steps", "8", "--json"]
+    )  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "charlm" and out["period"] == 8 and out["lr"] == 0.4
+    # 8 synchronous warm-up steps (1x each), then 16 local steps with 2 syncs of 2x the model.
+    assert out["measured_ratio_vs_fp32"] == pytest.approx(24 / (8 + 2 * 2))
+    assert out["final_perplexity"] == pytest.approx(math.exp(out["final_loss"]))
+    assert out["final_loss"] < 4.0  # ln(vocabulary) ~ 4.6 at the start
+    assert "final_accuracy" not in out
+
+
 def test_cli_bad_input(capsys):
     from scaledl.cli import main
 
@@ -338,3 +358,47 @@ def test_cli_bad_input(capsys):
     assert "--period must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["optim", "bench", "--optimizer", "adam"])
+
+
+# ------------------------------------------------------------------- character LM task
+def test_charlm_corpus_is_deterministic_and_decodes_to_the_sorted_files(tmp_path):
+    from scaledl.optim.charlm_task import load_stdlib_corpus
+
+    a = load_stdlib_corpus(200_000, 8_192)
+    b = load_stdlib_corpus(200_000, 8_192)
+    assert a.sha256 == b.sha256 and torch.equal(a.train, b.train)
+    assert torch.equal(a.heldout, b.heldout) and a.vocab == b.vocab
+    assert len(a.train) + len(a.heldout) == 200_000 and len(a.heldout) == 8_192
+    assert list(a.vocab) == sorted(set(a.vocab)) and int(a.train.max()) < a.vocab_size
+    # A folder of our own: files are read in sorted order, the tail is held out.
+    for name, text in [("b.py", b"bbbb\n"), ("a.py", b"aa\n"), ("c.txt", b"ignored")]:
+        (tmp_path / name).write_bytes(text)
+    c = load_stdlib_corpus(7, 2, root=tmp_path)
+    decode = lambda ids: bytes(c.vocab[i] for i in ids.tolist())  # noqa: E731
+    assert decode(c.train) + decode(c.heldout) == b"aa\nbbbb"
+    assert decode(c.heldout) == b"bb" and c.files == 2 and c.vocab == b"\nab"
+    with pytest.raises(ValueError, match="fewer than 100"):
+        load_stdlib_corpus(100, 2, root=tmp_path)
+    with pytest.raises(ValueError, match="heldout_bytes"):
+        load_stdlib_corpus(10, 5, root=tmp_path)
+
+
+def test_charlm_batches_are_keyed_and_a_few_steps_lower_the_held_out_loss():
+    from scaledl.optim._task import train_task
+    from scaledl.optim.charlm_task import CharLMTask, load_stdlib_corpus
+
+    task = CharLMTask(load_stdlib_corpus(200_000, 8_192), seq_len=32, hidden=64)
+    x, y = task.batch(3, 1, 4, 0, 5)
+    assert x.shape == y.shape == (5, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(task.batch(3, 1, 4, 0, 5)[0], x)  # a pure function of its key
+    assert not torch.equal(task.batch(3, 2, 4, 0, 5)[0], x)  # ranks draw their own windows
+    start = task.evaluate(task.make_model(0))
+    assert start["loss"] == pytest.approx(math.log(task.corpus.vocab_size), abs=0.2)
+    assert start["perplexity"] == pytest.approx(math.exp(start["loss"]))
+    spec = RunSpec("local-adaalter", 0.4, period=4, warmup_steps=5, max_grad_norm=5.0)
+    (rec,) = train_task(task, [spec], steps=40, batch_size=8, eval_points=2)
+    assert [c["step"] for c in rec["curve"]] == [20, 40]
+    assert rec["final_loss"] < start["loss"] - 0.8, (start, rec["curve"])
+    assert rec["final_bits_per_char"] == pytest.approx(rec["final_loss"] / math.log(2))
+    with pytest.raises(ValueError, match="too long"):
+        CharLMTask(task.corpus, seq_len=10_000)
