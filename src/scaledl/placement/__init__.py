@@ -32,7 +32,7 @@ from scaledl.placement.m_topo import m_topo
 from scaledl.placement.milp import milp_place
 from scaledl.placement.pipeline import ALGORITHMS, Plan, place, place_graph
 from scaledl.placement.shrink import ShrunkGraph, shrink
-from scaledl.placement.simulator import PlacementResult, simulate
+from scaledl.placement.simulator import HostModel, PlacementResult, host_launch_times, simulate
 from scaledl.placement.trace import TracedModel, trace
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "PCIE_COMM",
     "Cluster",
     "CommCost",
+    "HostModel",
     "InfeasiblePlacementError",
     "OpGraph",
     "OpSpec",
@@ -53,6 +54,7 @@ __all__ = [
     "TracedModel",
     "fit_comm_cost",
     "forward_graph",
+    "host_launch_times",
     "layered_graph",
     "lower_bounds",
     "m_etf",

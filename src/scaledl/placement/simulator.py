@@ -5,10 +5,18 @@ device, ready ops by ``(ready_ts, topo_order)``, transfers per the cluster's con
 (``shared``, ``link`` or ``none``), allocator-style memory that frees saved activations when
 their backward node has run. Memory limits are reported, not enforced: a user-given placement
 that overflows a device shows ``fits=False`` and the per-device peak.
+
+Op costs are device (GPU) times, so by default the host is assumed to launch every op before
+the device needs it. With a :class:`HostModel` the replay also follows the host that launches
+them, as :class:`~scaledl.placement.executor.PlacedModule` does (:func:`host_launch_times`):
+one Python thread launches the forward ops in launch order (plus one launch per cross-device
+copy), autograd runs one thread per device for the backward, and the optimizer step starts
+when ``backward()`` returns; an op cannot start on its device before it was launched.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +116,97 @@ def as_device_array(graph: OpGraph, placement: Mapping[str, int] | Sequence[int]
     return arr
 
 
+@dataclass(frozen=True)
+class HostModel:
+    """Host seconds to launch one op: ``forward_s`` per forward op (and per cross-device copy
+    unless ``copy_s`` is given) on the one Python thread, ``backward_s`` per backward op on
+    autograd's thread of its device. Calibrate them from a step that is not synchronised
+    (host wall time / ops launched)."""
+
+    forward_s: float
+    backward_s: float = 0.0
+    copy_s: float | None = None
+
+    def __post_init__(self) -> None:
+        costs = (self.forward_s, self.backward_s, self.copy_s or 0.0)
+        if min(costs) < 0 or not all(np.isfinite(costs)):
+            raise ValueError(f"host launch costs must be finite and >= 0, got {self}")
+
+
+def _forward_launch_order(graph: OpGraph, fwd: list[int], order: Sequence[str] | None) -> list:
+    """Forward nodes in the executor's launch order: a stable topological order keyed by the
+    position of the node's name (with or without the ``fwd:`` prefix) in ``order``."""
+    pos = {name: i for i, name in enumerate(order or [])}
+    own = {v: i for i, v in enumerate(fwd)}
+    key = {}
+    for v in fwd:
+        name = graph.names[v]
+        p = pos.get(name, pos.get(name.split(":", 1)[-1]))
+        key[v] = (len(pos) + own[v] if p is None else p, own[v])
+    indeg = {v: sum(1 for u in set(graph.pred[v]) if u in own) for v in fwd}
+    heap = [key[v] for v in fwd if indeg[v] == 0]
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        v = fwd[heapq.heappop(heap)[1]]
+        out.append(v)
+        for w in set(graph.succ[v]):
+            if w in indeg:
+                indeg[w] -= 1
+                if indeg[w] == 0:
+                    heapq.heappush(heap, key[w])
+    return out
+
+
+def host_launch_times(
+    graph: OpGraph,
+    placement: Mapping[str, int] | Sequence[int] | np.ndarray,
+    host: HostModel,
+    order: Sequence[str] | None = None,
+) -> np.ndarray:
+    """When the executor's host has launched each node (seconds from the step's start).
+
+    Forward (and untyped) nodes: one thread, in launch order (``order``: names by launch
+    priority, as ``Plan.fx_order()``; default graph order), each taking ``forward_s`` plus
+    ``copy_s`` per other device its forward consumers run on (copies follow their producer).
+    Backward nodes: after the forward, one thread per device in reverse launch order (the
+    autograd engine's priority), each launched ``backward_s`` after both its device's thread is
+    free and its gradient inputs were launched, plus ``copy_s`` per other device it sends a
+    gradient to. Optimizer nodes: when the whole backward has been launched.
+    """
+    devs = as_device_array(graph, placement)
+    copy_s = host.forward_s if host.copy_s is None else host.copy_s
+    kinds = graph.kind
+    fwd = [v for v in range(len(graph)) if kinds[v] not in ("backward", "optimizer")]
+    launch = np.zeros(len(graph))
+    t = 0.0
+    fwd_order = _forward_launch_order(graph, fwd, order)
+    for v in fwd_order:
+        t += host.forward_s
+        launch[v] = t
+        others = {int(devs[w]) for w in graph.succ[v] if kinds[w] not in ("backward", "optimizer")}
+        t += copy_s * len(others - {int(devs[v])})
+    thread = dict.fromkeys(range(int(devs.max()) + 1 if len(devs) else 0), t)
+    bwd_of = {
+        graph.names[b].split(":", 1)[-1]: b for b in range(len(graph)) if kinds[b] == "backward"
+    }
+    done = t
+    for v in reversed(fwd_order):
+        b = bwd_of.get(graph.names[v].split(":", 1)[-1])
+        if b is None:
+            continue
+        d = int(devs[b])
+        grads = [launch[u] for u in graph.pred[b] if kinds[u] == "backward"]
+        launch[b] = max([thread[d], *grads]) + host.backward_s
+        sends = {int(devs[w]) for w in graph.succ[b] if kinds[w] == "backward"} - {d}
+        thread[d] = launch[b] + copy_s * len(sends)
+        done = max(done, thread[d])
+    for v in range(len(graph)):
+        if kinds[v] == "optimizer":
+            launch[v] = done
+    return launch
+
+
 def simulate(
     graph: OpGraph,
     placement: Mapping[str, int] | Sequence[int] | np.ndarray,
@@ -116,10 +215,16 @@ def simulate(
     contention: str | None = None,
     release_memory: bool = True,
     algorithm: str = "replay",
+    host: HostModel | None = None,
+    order: Sequence[str] | None = None,
 ) -> PlacementResult:
-    """Replay ``placement`` on ``cluster``: schedule, makespan and per-device peak memory."""
+    """Replay ``placement`` on ``cluster``: schedule, makespan and per-device peak memory.
+
+    With ``host``, no node starts before the executor's host has launched it
+    (:func:`host_launch_times`, forward launch ``order`` as given to ``PlacedModule``)."""
     t0 = time.perf_counter()
     devs = as_device_array(graph, placement)
+    not_before = None if host is None else host_launch_times(graph, devs, host, order)
     sched = ListScheduler(
         graph,
         cluster,
@@ -127,5 +232,6 @@ def simulate(
         enforce_memory=False,
         release_memory=release_memory,
         contention=contention,
+        not_before=not_before,
     ).run()
-    return finish(algorithm, graph, cluster, sched, t0)
+    return finish(algorithm, graph, cluster, sched, t0, host_model=host is not None)
