@@ -8,13 +8,15 @@ For each model (synthetic parallel branches, the 6+6 Transformer, an Inception-s
    single-device training memory; the runtime cap, set per configuration with
    ``torch.cuda.set_per_process_memory_fraction`` and lifted after it, sits on top of the bytes
    already allocated and adds ``--headroom-gib`` for the CUDA allocator plus foreach Adam's
-   workspace);
+   workspace and, on the output's device, the loss's workspace);
 3. place the training graph with m-TOPO, m-ETF and m-SCT, and build the baselines: single
    device (uncapped reference), a hand-written expert split, a sequential memory fill like
    Accelerate's ``device_map="auto"`` and an equal-size two-stage pipeline split;
 4. run each placement with ``PlacedModule`` in its own scope (Adam, MSE loss; median step
    time over ``--steps`` after warm-up; memory released before and after) and compare with
-   the simulator: |simulated - measured| / measured for each contention model;
+   the simulator: |simulated - measured| / measured for each contention model, and for the
+   replay with the executor's host launches (``HostModel`` calibrated per model from the
+   unsynchronised host time of a one-device step, divided by the ops launched);
 5. place the same profiled graphs on simulated 4- and 8-device clusters.
 
 ``--quick`` runs tiny models on CPU with two logical devices and roofline costs (< 2 min;
@@ -43,6 +45,7 @@ from common import print_table, save_results
 from scaledl.placement import (
     GIB,
     Cluster,
+    HostModel,
     InfeasiblePlacementError,
     PlacedModule,
     fit_comm_cost,
@@ -204,19 +207,31 @@ def run_configuration(
 
         for _ in range(warmup):
             step()
-        times = []
+        times, host_f, host_b = [], [], []
         for _ in range(steps):
             _sync(devices)
             t0 = time.perf_counter()
-            step()
+            opt.zero_grad(set_to_none=True)
+            loss = pm(*inputs).float().square().mean()
+            t1 = time.perf_counter()  # host time only: nothing waits for the GPU here
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
             _sync(devices)
             times.append(time.perf_counter() - t0)
+            host_f.append(t1 - t0)
+            host_b.append(t2 - t1)
         times.sort()
         peak = [torch.cuda.max_memory_allocated(d) / GIB for d in cuda_devices(devices)]
         return {
             "step_s": times[len(times) // 2],
             "spread_s": (times[(3 * len(times)) // 4] - times[len(times) // 4]) / 2,
             "peak_gib": peak,
+            # Host wall time to launch the forward (+ loss) and to run backward(): where the
+            # step is host-bound these approach the step time.
+            "host_forward_s": sorted(host_f)[len(host_f) // 2],
+            "host_backward_s": sorted(host_b)[len(host_b) // 2],
+            "launches_per_forward": len(pm.launch_sequence()),
             "copies_per_forward": pm.copies,
             "error": None,
         }
@@ -279,14 +294,48 @@ def set_caps(devices, cap_bytes: list[int] | None, base: list[int] | None = None
     return limits
 
 
-def runtime_caps(specs, fx_map: dict[str, int], cap: int, headroom: int, n: int) -> list[int]:
-    """Per device: the placers' cap, the allocator ``headroom`` and the workspace of foreach
+#: The loss ``out.float().square().mean()`` lives outside the traced model: its square (one
+#: output-sized tensor) and its backward (``2 * out * grad`` and the gradient it hands to the
+#: model, two more) sit on the output's device, next to the activations the model keeps.
+LOSS_WORKSPACE_OUTPUTS = 3
+
+
+def runtime_caps(
+    specs, fx_map: dict[str, int], cap: int, headroom: int, n: int, output: str | None = None
+) -> list[int]:
+    """Per device: the placers' cap, the allocator ``headroom``, the workspace of foreach
     Adam (one temporary as large as the device's trainable parameters: ``_foreach_sqrt`` of
-    the second moments), which the per-op memory model does not hold."""
-    trainable = [0] * n
+    the second moments) and, on the device of the model's ``output`` node, the loss's
+    workspace; neither is in the per-op memory model, which covers the model only. (The
+    transformer's 128x50x30000 logits are 732 MiB: without the loss term the expert and
+    pipeline splits, whose decoder device is fullest, ran out of memory on an H200.)"""
+    extra = [0] * n
     for s in specs:
-        trainable[fx_map[s.name]] += s.trainable_bytes
-    return [cap + headroom + t for t in trainable]
+        extra[fx_map[s.name]] += s.trainable_bytes
+        if s.name == output:
+            extra[fx_map[s.name]] += LOSS_WORKSPACE_OUTPUTS * s.out_bytes
+    return [cap + headroom + t for t in extra]
+
+
+def model_output(gm: torch.fx.GraphModule) -> str | None:
+    """The fx node whose value the model returns (None for a nested output)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return out.name if isinstance(out, torch.fx.Node) else None
+
+
+def calibrate_host(model, fx_names, devices, inputs, leaves, graph, steps=3) -> HostModel:
+    """Host launch cost per op of :class:`PlacedModule` (the simulator's host-dispatch term):
+    the median host wall time of an unsynchronised forward (+ loss) and backward() on one
+    device, divided by the forward launches and the backward nodes. On CPU the ops run
+    synchronously, so this is the compute itself (quick mode only checks the path)."""
+    meas = measure_step(model, dict.fromkeys(fx_names, 0), devices, inputs, steps, 2, leaves)
+    if meas["step_s"] is None:
+        raise RuntimeError(f"host calibration failed: {meas['error']}")
+    n_bwd = sum(1 for k in graph.kind if k == "backward")
+    return HostModel(
+        forward_s=meas["host_forward_s"] / meas["launches_per_forward"],
+        backward_s=meas["host_backward_s"] / max(n_bwd, 1),
+    )
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -312,6 +361,8 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
     gm = traced.module
     fx_names = [n.name for n in gm.graph.nodes if n.op != "output"]
     spec = {s.name: s for s in traced.specs}
+    host = calibrate_host(model, fx_names, devices, inputs, leaves, graph)
+    output = model_output(gm)
     candidates: dict[str, dict[str, Any]] = {}
     for algo in ALGOS:
         try:
@@ -337,16 +388,21 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
         rec: dict[str, Any] = {"model": name, "placement": label}
         if "error" in cand:
             rec["error"] = cand["error"]
-            rows.append([name, label, "-", "-", "-", "-", "-", cand["error"][:40]])
+            rows.append([name, label, "-", "-", "-", "-", "-", "-", "-", cand["error"][:40]])
             records.append(rec)
             continue
         gp = graph_placement(graph, cand["fx"])
         sims = {c: simulate(graph, gp, cluster, contention=c) for c in ("shared", "link", "none")}
+        # The same replay with the executor's host launches (its launch order included).
+        sim_host = simulate(
+            graph, gp, cluster, contention=args.contention, host=host, order=cand.get("order")
+        )
         est_peak = max(sims[args.contention].peak_memory)
+        headroom = int(args.headroom_gib * GIB)
         caps = (
             None
             if cand.get("uncapped")
-            else runtime_caps(traced.specs, cand["fx"], cap, int(args.headroom_gib * GIB), 2)
+            else runtime_caps(traced.specs, cand["fx"], cap, headroom, 2, output)
         )
         meas = measure_step(
             model,
@@ -359,10 +415,8 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
             cand.get("order"),
             cap_bytes=caps,
         )
-        fid = {
-            c: (abs(s.makespan - meas["step_s"]) / meas["step_s"] if meas["step_s"] else None)
-            for c, s in sims.items()
-        }
+        fid = {c: _rel_err(s.makespan, meas["step_s"]) for c, s in sims.items()}
+        fid_host = _rel_err(sim_host.makespan, meas["step_s"])
         rec.update(
             devices_used=sorted(set(cand["fx"].values())),
             placement_s=cand.get("placement_s"),
@@ -370,6 +424,8 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
             fits_cap=est_peak <= cap,
             simulated_s={c: s.makespan for c, s in sims.items()},
             fidelity=fid,
+            simulated_host_s=sim_host.makespan,
+            fidelity_host=fid_host,
             **meas,
         )
         records.append(rec)
@@ -381,7 +437,9 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
                 "yes" if rec["fits_cap"] else "no",
                 f"{meas['step_s'] * 1e3:.2f}" if meas["step_s"] else meas["error_kind"],
                 f"{sims[args.contention].makespan * 1e3:.2f}",
-                f"{fid[args.contention]:.1%}" if fid[args.contention] is not None else "-",
+                _pct(fid[args.contention], sign=False),
+                f"{sim_host.makespan * 1e3:.2f}",
+                _pct(fid_host, sign=False),
                 f"{cand['placement_s']:.3f}" if cand.get("placement_s") is not None else "-",
             ]
         )
@@ -391,6 +449,7 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
         "profile_s": profile_s,
         "graph_nodes": len(graph),
         "cap_gib": cap / GIB,
+        "host_model": {"forward_s": host.forward_s, "backward_s": host.backward_s},
         "single_device_estimate_gib": single_est / GIB,
         "records": records,
         "simulated_clusters": simulated_clusters(graph, comm, single_est, args.contention),
@@ -415,7 +474,13 @@ def compare(records: list[dict[str, Any]]) -> dict[str, Any]:
         if r.get("fidelity") and r["fidelity"].get(k) is not None
     ]
     out["max_fidelity_error"] = max(errs) if errs else None
+    errs = [r["fidelity_host"] for r in records if r.get("fidelity_host") is not None]
+    out["max_fidelity_error_host"] = max(errs) if errs else None
     return out
+
+
+def _rel_err(simulated: float, measured: float | None) -> float | None:
+    return abs(simulated - measured) / measured if measured else None
 
 
 def single_device_memory(graph, comm) -> int:
@@ -500,7 +565,9 @@ def main() -> None:
         infos.append(info)
         print(
             f"{name}: done in {time.perf_counter() - t0:.0f} s "
-            f"(profiling {info['profile_s']:.1f} s)"
+            f"(profiling {info['profile_s']:.1f} s); host launch per op: forward "
+            f"{info['host_model']['forward_s'] * 1e6:.1f} us, "
+            f"backward {info['host_model']['backward_s'] * 1e6:.1f} us"
         )
     print_table(
         "Training step on 2 devices under a memory cap (measured vs simulated)",
@@ -512,6 +579,8 @@ def main() -> None:
             "measured ms",
             "simulated ms",
             "|sim-meas|/meas",
+            "sim+host ms",
+            "|sim+host-meas|/meas",
             "place s",
         ],
         all_rows,
@@ -546,12 +615,21 @@ def main() -> None:
             _pct(info["summary"].get("vs_equal-pipeline")),
             _pct(info["summary"].get("vs_single (uncapped)")),
             _pct(info["summary"].get("max_fidelity_error"), sign=False),
+            _pct(info["summary"].get("max_fidelity_error_host"), sign=False),
         ]
         for info in infos
     ]
     print_table(
         "Best of m-ETF/m-SCT vs baselines (negative = faster); worst simulator error",
-        ["model", "vs expert", "vs seq. fill", "vs pipeline", "vs single", "max |sim-meas|"],
+        [
+            "model",
+            "vs expert",
+            "vs seq. fill",
+            "vs pipeline",
+            "vs single",
+            "max |sim-meas|",
+            "max, with host",
+        ],
         summary_rows,
     )
     path = save_results(

@@ -98,6 +98,25 @@ def test_runtime_caps_add_headroom_and_foreach_adam_workspace(bench) -> None:
             sub = traced.module.get_submodule(node.target)
             trainable[placement[node.name]] += sum(p.numel() * 4 for p in sub.parameters())
     assert min(trainable) > 0 and caps == [1010 + t for t in trainable]
+    # The loss's workspace (square and its backward) on the device of the model's output.
+    out = bench.model_output(traced.module)
+    assert out == "out" and placement[out] == 1
+    with_loss = bench.runtime_caps(traced.specs, placement, 1000, 10, 2, out)
+    out_bytes = next(s.out_bytes for s in traced.specs if s.name == out)
+    assert out_bytes == inputs[0].numel() * 4
+    assert with_loss == [caps[0], caps[1] + bench.LOSS_WORKSPACE_OUTPUTS * out_bytes]
+
+
+def test_host_calibration_divides_unsynchronised_host_time_by_launches(bench) -> None:
+    model, inputs, leaves, placement = _configuration(bench)
+    traced = bench.trace(model, inputs, leaf_modules=leaves)
+    graph = traced.op_graph()
+    names = [n.name for n in traced.module.graph.nodes if n.op != "output"]
+    meas = bench.measure_step(model, placement, [torch.device("cpu")] * 2, inputs, 2, 1, leaves)
+    assert meas["launches_per_forward"] == len(names) + meas["copies_per_forward"]
+    assert 0 < meas["host_forward_s"] + meas["host_backward_s"] <= 1.01 * meas["step_s"] * 2
+    host = bench.calibrate_host(model, names, [torch.device("cpu")] * 2, inputs, leaves, graph)
+    assert host.forward_s > 0 and host.backward_s > 0
 
 
 def test_caps_are_stated_on_allocated_bytes_and_lifted(bench, monkeypatch) -> None:
