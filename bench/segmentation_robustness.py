@@ -4,10 +4,12 @@ All models are trained on clean synthetic chest X-rays (generated here with nump
 real torchxrayvision lung shapes when that package is installed, else the parametric ones) and
 evaluated per class on the clean test set and on every corruption x severity: Dice, HD95
 (a missed structure scores the image diagonal) and the robustness gap clean - corrupted.
-Rows: BasicUNet (no template); ShapePriorNet with prototype and with dense attention, each
-under the fixed (medoid), nearest and ensemble(5) template modes. Mean +- std over seeds.
+Rows: BasicUNet (no template); ShapePriorNet with dense skip attention only (no label prior,
+the design whose decoder learns to ignore the template); ShapePriorNet with the label prior
+(prior-conditioned decoding) and prototype or dense skip attention; each ShapePriorNet under the
+fixed (medoid), nearest and ensemble(5) template modes. Mean +- std over seeds.
 
-    PYTHONPATH=src python bench/segmentation_robustness.py            # full, one GPU, < 5 min
+    PYTHONPATH=src python bench/segmentation_robustness.py --seeds 1  # one GPU, ~5 min
     PYTHONPATH=src python bench/segmentation_robustness.py --quick    # CPU check, < 2 min
 """
 
@@ -59,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="training seeds (default 3; quick 1)")
     p.add_argument("--features", type=int, nargs=5, help="encoder widths")
     p.add_argument("--fusion", default="gate", choices=["concat", "gate", "both"])
+    p.add_argument(
+        "--models", nargs="+", choices=list(MODEL_NAMES), help="rows to train (default: all)"
+    )
     p.add_argument("--lungs", default="auto", choices=["auto", "torchxrayvision", "parametric"])
     p.add_argument("--workers", type=int, help="processes computing HD95 (default: CPUs - 2)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -76,16 +81,28 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def build_models(features: list[int], k: int, fusion: str) -> dict[str, torch.nn.Module]:
+#: Benchmark rows: the baseline first.
+MODEL_NAMES = ("BasicUNet", "SPN-dense-noprior", "SPN-prototype+prior", "SPN-dense+prior")
+
+
+def build_models(
+    features: list[int], k: int, fusion: str, names=MODEL_NAMES
+) -> dict[str, torch.nn.Module]:
     """The same 5-stage backbone without a template (MONAI BasicUNet) and with one."""
     from monai.networks.nets import BasicUNet
 
     spn = {"features": features, "fusion": fusion}
-    return {
-        "BasicUNet": BasicUNet(2, 1, k + 1, features=(*features, features[0])),
-        "SPN-prototype": ShapePriorNet(k, attention="prototype", **spn),
-        "SPN-dense": ShapePriorNet(k, attention="dense", dense_scales=2, **spn),
+    makers = {
+        "BasicUNet": lambda: BasicUNet(2, 1, k + 1, features=(*features, features[0])),
+        "SPN-dense-noprior": lambda: ShapePriorNet(
+            k, attention="dense", dense_scales=2, label_prior=False, **spn
+        ),
+        "SPN-prototype+prior": lambda: ShapePriorNet(k, attention="prototype", **spn),
+        "SPN-dense+prior": lambda: ShapePriorNet(k, attention="dense", dense_scales=2, **spn),
     }
+    if "BasicUNet" not in names:
+        raise ValueError("--models must include the baseline BasicUNet")
+    return {name: makers[name]() for name in MODEL_NAMES if name in names}
 
 
 def test_sets(test: SegmentationData, severities=SEVERITIES) -> dict[str, np.ndarray]:
@@ -141,7 +158,8 @@ def main() -> None:
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             bank = TemplateBank(train, device=args.device)
-            for model_name, model in build_models(args.features, k, args.fusion).items():
+            models = build_models(args.features, k, args.fusion, args.models or MODEL_NAMES)
+            for model_name, model in models.items():
                 cfg = TrainConfig(iterations=args.iters, batch_size=args.batch, seed=seed)
                 t0 = time.perf_counter()
                 losses = train_segmenter(model, train, cfg, device=args.device)

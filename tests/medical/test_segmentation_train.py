@@ -17,6 +17,7 @@ from scaledl.medical.segmentation_train import (
     load_segmenter,
     mask_dice_matrix,
     medoid_index,
+    one_hot_foreground,
     predict_proba,
     save_segmenter,
     segmentation_metrics,
@@ -112,6 +113,32 @@ def test_short_training_lowers_the_loss(data):
     assert np.mean(losses[-8:]) < 0.85 * np.mean(losses[:8])
 
 
+def test_prior_loss_adds_the_label_prior_dice_ce(data):
+    """The first step's loss grows by exactly the weighted Dice + CE of the label prior."""
+    from monai.losses import DiceCELoss
+
+    first = {}
+    for w in (0.0, 2.0):
+        torch.manual_seed(0)
+        net = ShapePriorNet(4, features=TINY)
+        cfg = TrainConfig(iterations=1, batch_size=2, prior_loss_weight=w, augment=False)
+        first[w] = train_segmenter(net, data, cfg)[0]
+    # replay the first batch: same generator draws as train_segmenter
+    torch.manual_seed(0)
+    net = ShapePriorNet(4, features=TINY)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(data), (2,), generator=gen)
+    tidx = (idx + torch.randint(1, len(data), (2,), generator=gen)) % len(data)
+    x, y = torch.as_tensor(data.images)[idx], torch.as_tensor(data.labels)[idx]
+    t, tl = torch.as_tensor(data.images)[tidx], torch.as_tensor(data.labels)[tidx]
+    _, prior = net.forward_with_prior(x, t, one_hot_foreground(tl, 4))
+    loss_fn = DiceCELoss(
+        include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5
+    )
+    prior_loss = float(loss_fn(torch.log(prior.clamp_min(1e-6)), y[:, None]).detach())
+    assert first[2.0] - first[0.0] == pytest.approx(2.0 * prior_loss, rel=1e-4)
+
+
 def test_template_free_baseline_trains_with_the_same_loop(data):
     from monai.networks.nets import BasicUNet
 
@@ -125,6 +152,8 @@ def test_template_free_baseline_trains_with_the_same_loop(data):
 def test_training_config_errors(data):
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match="prior_loss_weight"):
+        TrainConfig(prior_loss_weight=-1.0)
     with pytest.raises(ValueError, match="at least 2"):
         one = SegmentationData(data.images[:1], data.labels[:1])
         train_segmenter(ShapePriorNet(4, features=TINY), one, TrainConfig(iterations=1))

@@ -15,6 +15,7 @@ from scaledl.medical.shape_prior import (
     dense_attention,
     max_attention,
     prototype_attention,
+    with_background,
 )
 
 TINY = (2, 4, 4, 8, 8)
@@ -172,6 +173,9 @@ def test_predict_proba_averages_templates():
         ({"features": (2, 4, 8)}, "features"),
         ({"dense_scales": 6}, "dense_scales"),
         ({"tau": 0.0}, "tau"),
+        ({"prior_pool": 0}, "prior_pool"),
+        ({"logit_bound": -1.0}, "logit_bound"),
+        ({"prior_eps": 0.0}, "prior_eps"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
@@ -192,3 +196,64 @@ def test_tau_only_for_dense_attention():
     )
     with pytest.raises(ValueError, match="tau is defined only"):
         _ = ShapePriorNet(3, features=TINY).tau
+
+
+def test_label_prior_is_a_distribution_and_transfers_matching_labels():
+    net = ShapePriorNet(3, features=TINY, prior_pool=2).eval()
+    x, t, m = _inputs()
+    with torch.no_grad():
+        emb = net.prior_matcher(x)
+        prior = net.label_prior_map(emb, t, m, x.shape[-2:])
+    assert prior.shape == (2, 4, 32, 32)
+    torch.testing.assert_close(prior.sum(1), torch.ones(2, 32, 32))
+    assert (prior >= 0).all()
+    # a very sharp matching of the template with itself returns its own (pooled) labels
+    with torch.no_grad():
+        net.log_prior_tau.fill_(math.log(1e4))
+        self_prior = net.label_prior_map(net.prior_matcher(t), t, m, (16, 16))
+    pooled = with_background(torch.nn.functional.adaptive_avg_pool2d(m, (16, 16)))
+    torch.testing.assert_close(self_prior, pooled, atol=1e-3, rtol=0)
+
+
+def test_product_of_experts_combination():
+    net = ShapePriorNet(2, features=TINY, logit_bound=2.0, prior_eps=0.01)
+    with torch.no_grad():
+        net.prior_weight.fill_(1.5)
+    z = torch.randn(1, 3, 4, 4) * 10
+    p = torch.softmax(torch.randn(1, 3, 4, 4), 1)
+    p[0, 1, 0, 0] = 0.0  # below the floor
+    expected = 2.0 * torch.tanh(z / 2.0) + 1.5 * torch.log(p.clamp_min(0.01))
+    torch.testing.assert_close(net.combine(z, p), expected)
+    assert net.combine(z, None) is z
+    unbounded = ShapePriorNet(2, features=TINY, logit_bound=0.0)
+    torch.testing.assert_close(unbounded.combine(z, p), z + torch.log(p.clamp_min(1e-3)))
+
+
+def test_prediction_depends_on_the_template_with_label_prior():
+    """The failure this guards against: a decoder that ignores the template."""
+    x, t, m = _inputs(b=1)
+    for prior in (True, False):
+        net = ShapePriorNet(3, features=TINY, label_prior=prior).eval()
+        with torch.no_grad():
+            logits = net(x, t, m)
+            blank = net(x, torch.zeros_like(t), torch.zeros_like(m))
+            moved = net(x, t, torch.roll(m, 8, dims=-1))
+        if prior:
+            # a blank template transfers only background: every foreground class gets log ε
+            fg = blank[:, 1:] - net.logit_bound
+            assert (fg <= net.prior_weight * math.log(net.prior_eps) + 1e-4).all()
+            assert (moved - logits).abs().max() > 0.1
+        assert net.has_label_prior is prior
+
+
+def test_label_prior_gradients_reach_the_matcher_and_weights():
+    net = ShapePriorNet(3, features=TINY)
+    x, t, m = _inputs()
+    logits, prior = net.forward_with_prior(x, t, m)
+    assert prior is not None and prior.shape == (2, 4, 32, 32)
+    (logits.square().mean() + prior.square().mean()).backward()
+    for p in (net.prior_weight, net.log_prior_tau, *net.prior_matcher.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert net.prior_weight.grad.abs() > 0 and net.log_prior_tau.grad.abs() > 0
+    with pytest.raises(ValueError, match="prior_features"):
+        ShapePriorNet(3, features=TINY, prior_features=(4, 8))

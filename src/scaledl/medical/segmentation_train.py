@@ -37,7 +37,8 @@ MISSED_POLICIES = ("worst", "nan")
 class TrainConfig:
     """Optimisation settings. ``optimizer="sgd"`` is nnU-Net's (Nesterov 0.99, lr 1e-2, poly);
     ``"adam"`` converges faster in the short runs used on CPU. ``amp`` trains in bfloat16
-    autocast on CUDA (ignored on CPU)."""
+    autocast on CUDA (ignored on CPU). ``prior_loss_weight`` weights the same Dice + CE loss on
+    a ShapePriorNet's label prior alone (auxiliary; 0 turns it off)."""
 
     iterations: int = 300
     batch_size: int = 8
@@ -47,6 +48,7 @@ class TrainConfig:
     augment: bool = True
     amp: bool = True
     seed: int = 0
+    prior_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1:
@@ -55,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.prior_loss_weight < 0:
+            raise ValueError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
 
 
 def one_hot_foreground(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -143,10 +147,15 @@ def train_segmenter(
                 t, tl = images[tidx.to(device)], labels[tidx.to(device)]
                 if cfg.augment:
                     t, tl = random_affine(t, tl, gen)
-                logits = model(x, t, one_hot_foreground(tl, k))
+                logits, prior = model.forward_with_prior(x, t, one_hot_foreground(tl, k))
             else:
-                logits = model(x)
+                logits, prior = model(x), None
         loss = loss_fn(logits.float(), y[:, None])
+        if prior is not None and cfg.prior_loss_weight > 0:
+            # the label prior also learns to segment on its own (softmax of log P is P), so the
+            # transferred labels are right wherever the matching is, not only where they help
+            log_p = torch.log(prior.float().clamp_min(1e-6))
+            loss = loss + cfg.prior_loss_weight * loss_fn(log_p, y[:, None])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,6 +14,18 @@ Attention variants (``attention=``), for class k with template mask M_k at that 
 
 Dense and max attention cost O((HW)²) memory, so they are used at the ``dense_scales``
 coarsest scales only; finer scales use prototype attention.
+
+Label prior (``label_prior=True``, prior-conditioned decoding): trained on clean images only, a
+decoder that reads attention maps through its skips learns to ignore them, because the image
+alone explains clean data (feeding a blank template leaves its Dice unchanged). The label
+prior makes the template matter at the output: a small Siamese encoder embeds the image and the
+template at a coarse scale (area-downsampled by ``prior_pool``, where white noise averages out,
+plus coordinate channels, as anatomy sits at similar places), the dense cosine attention
+transfers the template's labels (background included) to every image position, and the
+resulting prior P (B, K + 1, H, W) is combined with the decoder's logits z as a product of
+experts: ``c·tanh(z / c) + β·log max(P, ε)``. Bounding the image evidence by ``c``
+(``logit_bound``) lets a confident prior decide inside structures, while near boundaries, where
+transferred labels are soft, the image decides.
 """
 
 from __future__ import annotations
@@ -88,6 +100,48 @@ class _Encoder(nn.Module):
         return feats
 
 
+def coordinate_channels(batch: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """(batch, 2, h, w) y and x coordinates in [-1, 1]."""
+    ys = torch.linspace(-1.0, 1.0, h, device=like.device, dtype=like.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=like.device, dtype=like.dtype)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([yy, xx])[None].expand(batch, -1, -1, -1)
+
+
+def with_background(masks: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) soft foreground masks -> (B, K + 1, h, w) with background 1 - Σ_k M_k first."""
+    return torch.cat([(1 - masks.sum(1, keepdim=True)).clamp_min(0), masks], 1)
+
+
+class PriorMatcher(nn.Module):
+    """Siamese embedding for the label prior: a 3-stage U-Net (MONAI blocks) on the image
+    area-downsampled by ``pool`` plus two coordinate channels; returns (B, dim, H/pool, W/pool).
+
+    The template masks never enter it (they are used only to transfer labels), so the image and
+    the template are embedded by the same weights and compared like for like.
+    """
+
+    def __init__(
+        self, in_channels: int, pool: int, features: Sequence[int], dim: int, blk: dict
+    ) -> None:
+        super().__init__()
+        if len(features) != 3:
+            raise ValueError(f"prior_features must give 3 stage widths, got {tuple(features)}")
+        c = list(features)
+        self.pool = pool
+        self.stem = TwoConv(in_chns=in_channels + 2, out_chns=c[0], **blk)
+        self.down1 = Down(in_chns=c[0], out_chns=c[1], **blk)
+        self.down2 = Down(in_chns=c[1], out_chns=c[2], **blk)
+        self.up2 = UpCat(in_chns=c[2], cat_chns=c[1], out_chns=c[1], **blk)
+        self.up1 = UpCat(in_chns=c[1], cat_chns=c[0], out_chns=dim, **blk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = F.avg_pool2d(x, self.pool) if self.pool > 1 else x
+        h0 = self.stem(torch.cat([xs, coordinate_channels(xs.shape[0], *xs.shape[-2:], xs)], 1))
+        h1 = self.down1(h0)
+        return self.up1(self.up2(self.down2(h1), h1), h0)
+
+
 class _Fusion(nn.Module):
     """Fuse K attention maps into C image channels: concat (1x1 conv), gate, or both."""
 
@@ -132,6 +186,13 @@ class ShapePriorNet(nn.Module):
         tau: initial temperature of dense attention (learned in log space).
         gate_init: initial gate weights w_k (learned); larger values make the attention
             modulate the image features more strongly from the start.
+        label_prior: add the label prior at the output (see the module docstring).
+        prior_pool: area-downsampling factor of the label prior's inputs (the prior lives at
+            1/prior_pool resolution; H / prior_pool must be divisible by 4).
+        prior_features, prior_dim: widths of the prior encoder's 3 stages and embedding size.
+        prior_weight: initial weight β of log P (learned).
+        logit_bound: bound c on the decoder's logits, c·tanh(z / c); 0 leaves them unbounded.
+        prior_eps: floor ε of P inside the log.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -150,6 +211,13 @@ class ShapePriorNet(nn.Module):
         mask_as_separate_stream: bool = False,
         tau: float = 10.0,
         gate_init: float = 1.0,
+        label_prior: bool = True,
+        prior_pool: int = 4,
+        prior_features: Sequence[int] = (16, 32, 64),
+        prior_dim: int = 32,
+        prior_weight: float = 1.0,
+        logit_bound: float = 3.0,
+        prior_eps: float = 1e-3,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -167,6 +235,12 @@ class ShapePriorNet(nn.Module):
             raise ValueError(f"dense_scales must be in 0..5, got {dense_scales}")
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
+        if prior_pool < 1:
+            raise ValueError(f"prior_pool must be >= 1, got {prior_pool}")
+        if logit_bound < 0:
+            raise ValueError(f"logit_bound must be >= 0, got {logit_bound}")
+        if not 0 < prior_eps < 1:
+            raise ValueError(f"prior_eps must be in (0, 1), got {prior_eps}")
         # constructor arguments, saved by save_pretrained so from_pretrained can rebuild the net
         self.config = {
             "num_classes": num_classes,
@@ -179,6 +253,13 @@ class ShapePriorNet(nn.Module):
             "mask_as_separate_stream": mask_as_separate_stream,
             "tau": tau,
             "gate_init": gate_init,
+            "label_prior": label_prior,
+            "prior_pool": prior_pool,
+            "prior_features": list(prior_features),
+            "prior_dim": prior_dim,
+            "prior_weight": prior_weight,
+            "logit_bound": logit_bound,
+            "prior_eps": prior_eps,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -214,6 +295,16 @@ class ShapePriorNet(nn.Module):
             UpCat(in_chns=f[i], cat_chns=f[i - 1], out_chns=f[i - 1], **blk) for i in (4, 3, 2, 1)
         )
         self.head = nn.Conv2d(f[0], num_classes + 1, kernel_size=1)
+        self.logit_bound = logit_bound
+        self.prior_eps = prior_eps
+        if label_prior:
+            self.prior_matcher = PriorMatcher(
+                in_channels, prior_pool, prior_features, prior_dim, blk
+            )
+            self.log_prior_tau = nn.Parameter(torch.tensor(math.log(tau)))
+            self.prior_weight = nn.Parameter(torch.tensor(float(prior_weight)))
+        else:
+            self.prior_matcher = None
 
     @property
     def tau(self) -> torch.Tensor:
@@ -264,30 +355,70 @@ class ShapePriorNet(nn.Module):
                 maps.append(prototype_attention(fe, te, m))
         return maps
 
+    @property
+    def has_label_prior(self) -> bool:
+        """Whether the label prior is combined with the decoder's logits."""
+        return self.prior_matcher is not None
+
+    def label_prior_map(
+        self,
+        image_embedding: torch.Tensor,
+        template: torch.Tensor,
+        template_masks: torch.Tensor,
+        size: Sequence[int],
+    ) -> torch.Tensor:
+        """The template's labels transferred to the image, P (B, K + 1, *size), rows sum to 1.
+
+        ``image_embedding`` is ``prior_matcher(image)``; background is channel 0.
+        """
+        temb = self.prior_matcher(template)
+        m = with_background(F.adaptive_avg_pool2d(template_masks.to(temb.dtype), temb.shape[-2:]))
+        p = dense_attention(image_embedding, temb, m, self.log_prior_tau.exp())
+        # contiguous: the attention output is a transposed view, which interpolate's backward
+        # does not accept
+        return F.interpolate(p.contiguous(), size=tuple(size), mode="bilinear", align_corners=False)
+
+    def combine(self, logits: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """Product of experts: c·tanh(z / c) + β·log max(P, ε) (just z without a prior)."""
+        if prior is None:
+            return logits
+        if self.logit_bound > 0:
+            logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+        return logits + self.prior_weight * torch.log(prior.clamp_min(self.prior_eps))
+
     def decode(
         self,
         feats: list[torch.Tensor],
         tfeats: list[torch.Tensor],
         template_masks: torch.Tensor,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Fuse attention into the image skips and run the U-Net decoder; returns logits."""
+        """Fuse attention into the image skips, run the U-Net decoder and combine the result
+        with the label ``prior`` when given; returns logits."""
         maps = self.attention_maps(feats, tfeats, template_masks)
         fused = [fuse(fe, a) for fuse, fe, a in zip(self.fusions, feats, maps)]
         x = fused[4]
         for up, skip in zip(self.decoder, (fused[3], fused[2], fused[1], fused[0])):
             x = up(x, skip)
-        return self.head(x)
+        return self.combine(self.head(x), prior)
+
+    def forward_with_prior(
+        self, image: torch.Tensor, template: torch.Tensor, template_masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and the label prior P (None without ``label_prior``), e.g. for a prior loss."""
+        if image.shape[0] != template.shape[0] or template.shape[0] != template_masks.shape[0]:
+            raise ValueError("image, template and template_masks must have the same batch size")
+        tfeats = self.encode_template(template, template_masks)
+        prior = None
+        if self.has_label_prior:
+            emb = self.prior_matcher(image)
+            prior = self.label_prior_map(emb, template, template_masks, image.shape[-2:])
+        return self.decode(self.image_encoder(image), tfeats, template_masks, prior), prior
 
     def forward(
         self, image: torch.Tensor, template: torch.Tensor, template_masks: torch.Tensor
     ) -> torch.Tensor:
-        if image.shape[0] != template.shape[0] or template.shape[0] != template_masks.shape[0]:
-            raise ValueError("image, template and template_masks must have the same batch size")
-        return self.decode(
-            self.image_encoder(image),
-            self.encode_template(template, template_masks),
-            template_masks,
-        )
+        return self.forward_with_prior(image, template, template_masks)[0]
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.pt`` (the state dict) into folder ``path``."""
@@ -322,9 +453,12 @@ class ShapePriorNet(nn.Module):
         if templates.ndim != 5 or template_masks.ndim != 5:
             raise ValueError("templates and template_masks must be (B, n, C, H, W)")
         feats = self.image_encoder(image)
+        emb = self.prior_matcher(image) if self.has_label_prior else None
         probs = 0.0
         n = templates.shape[1]
         for j in range(n):
-            tfeats = self.encode_template(templates[:, j], template_masks[:, j])
-            probs = probs + torch.softmax(self.decode(feats, tfeats, template_masks[:, j]), 1)
+            t, m = templates[:, j], template_masks[:, j]
+            prior = None if emb is None else self.label_prior_map(emb, t, m, image.shape[-2:])
+            logits = self.decode(feats, self.encode_template(t, m), m, prior)
+            probs = probs + torch.softmax(logits, 1)
         return probs / n
