@@ -1,8 +1,7 @@
-"""The simulator's host-dispatch model: launch times and schedules computed by hand."""
+"""The simulator's executor replay with host launches: schedules computed by hand."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from scaledl.placement import Cluster, CommCost, HostModel, OpGraph, host_launch_times, simulate
@@ -10,29 +9,38 @@ from scaledl.placement import Cluster, CommCost, HostModel, OpGraph, host_launch
 MS = 1e-3
 
 
+def _graph(nodes, edges) -> OpGraph:
+    g = OpGraph()
+    for name, ms in nodes:
+        kind = {"fwd": "forward", "bwd": "backward", "opt": "optimizer"}[name[:3]]
+        g.add_node(name, ms * MS, kind=kind)
+    for u, v in edges:
+        g.add_edge(u, v, [(g.new_tensor(), 4)])
+    return g
+
+
 def _tiny() -> tuple[OpGraph, dict[str, int]]:
     """a (dev 0) feeds b (dev 1) and c (dev 0); backward mirrors it; a has an optimizer step."""
-    g = OpGraph()
-    for name, ms, kind in [
-        ("fwd:a", 1, "forward"),
-        ("fwd:b", 1, "forward"),
-        ("fwd:c", 1, "forward"),
-        ("bwd:c", 2, "backward"),
-        ("bwd:b", 2, "backward"),
-        ("bwd:a", 2, "backward"),
-        ("opt:a", 0.5, "optimizer"),
-    ]:
-        g.add_node(name, ms * MS, kind=kind)
-    for u, v in [
-        ("fwd:a", "fwd:b"),
-        ("fwd:a", "fwd:c"),
-        ("fwd:b", "bwd:b"),
-        ("fwd:c", "bwd:c"),
-        ("bwd:b", "bwd:a"),
-        ("bwd:c", "bwd:a"),
-        ("bwd:a", "opt:a"),
-    ]:
-        g.add_edge(u, v, [(g.new_tensor(), 4)])
+    g = _graph(
+        [
+            ("fwd:a", 1),
+            ("fwd:b", 1),
+            ("fwd:c", 1),
+            ("bwd:c", 2),
+            ("bwd:b", 2),
+            ("bwd:a", 2),
+            ("opt:a", 0.5),
+        ],
+        [
+            ("fwd:a", "fwd:b"),
+            ("fwd:a", "fwd:c"),
+            ("fwd:b", "bwd:b"),
+            ("fwd:c", "bwd:c"),
+            ("bwd:b", "bwd:a"),
+            ("bwd:c", "bwd:a"),
+            ("bwd:a", "opt:a"),
+        ],
+    )
     place = {"fwd:a": 0, "fwd:b": 1, "fwd:c": 0, "bwd:c": 0, "bwd:b": 1, "bwd:a": 0, "opt:a": 0}
     return g, place
 
@@ -41,42 +49,89 @@ def _cluster() -> Cluster:
     return Cluster([10**9, 10**9], CommCost(0.1 * MS, 0.0), contention="none")
 
 
+HOST = HostModel(forward_s=3 * MS, backward_s=0.3 * MS, copy_s=0.2 * MS)
+
+
 def test_launch_times_match_hand_computation() -> None:
     g, place = _tiny()
-    host = HostModel(forward_s=3 * MS, backward_s=0.3 * MS, copy_s=0.2 * MS)
-    t = dict(zip(g.names, host_launch_times(g, place, host) / MS))
+    t = dict(zip(g.names, host_launch_times(g, place, HOST) / MS))
     # Forward thread: a at 3, its copy to device 1 until 3.2, b at 6.2, c at 9.2.
-    # Backward threads (reverse launch order c, b, a) from 9.2: c and b at 9.5 (b's thread then
-    # launches the copy of its gradient until 9.7), a at max(9.5, 9.5, 9.5) + 0.3 = 9.8;
-    # the optimizer when the last thread is done (9.8).
+    # Backward threads from 9.2: c (device 0) and b (device 1) at 9.5; device 1's thread then
+    # sends b's gradient (9.7); a at 9.7 + 0.3 = 10; the optimizer when backward returns (10).
     expect = {"fwd:a": 3, "fwd:b": 6.2, "fwd:c": 9.2, "bwd:c": 9.5, "bwd:b": 9.5}
-    expect |= {"bwd:a": 9.8, "opt:a": 9.8}
+    expect |= {"bwd:a": 10, "opt:a": 10}
     for k, v in expect.items():
         assert t[k] == pytest.approx(v), k
     # The launch order follows ``order`` (by fx name) where the graph allows it.
-    t2 = dict(zip(g.names, host_launch_times(g, place, host, order=["a", "c", "b"]) / MS))
+    t2 = dict(zip(g.names, host_launch_times(g, place, HOST, order=["a", "c", "b"]) / MS))
     assert t2["fwd:c"] == pytest.approx(6.2) and t2["fwd:b"] == pytest.approx(9.2)
 
 
-def test_simulation_with_host_matches_hand_schedule() -> None:
+def test_replay_with_host_matches_hand_schedule() -> None:
     g, place = _tiny()
-    host = HostModel(forward_s=3 * MS, backward_s=0.3 * MS, copy_s=0.2 * MS)
-    s = simulate(g, place, _cluster(), host=host).schedule
+    s = simulate(g, place, _cluster(), host=HOST).schedule
     start = dict(zip(g.names, s.start / MS))
-    # a 3-4; b waits for its launch (6.2) not the copy (4.1): 6.2-7.2; c 9.2-10.2;
-    # bwd:c 10.2-12.2; bwd:b 9.5-11.5; bwd:a after bwd:c (12.2) and b's gradient (11.6);
-    # opt 14.2-14.7.
-    expect = {"fwd:a": 3, "fwd:b": 6.2, "fwd:c": 9.2, "bwd:c": 10.2, "bwd:b": 9.5, "bwd:a": 12.2}
-    expect["opt:a"] = 14.2
+    # a 3-4, its copy 4-4.1; b waits for its launch (6.2): 6.2-7.2; c 9.2-10.2; bwd:c 10.2-12.2;
+    # bwd:b 9.5-11.5; b's gradient copy waits for device 0's stream too (12.2): 12.2-12.3;
+    # bwd:a 12.3-14.3; the optimizer 14.3-14.8.
+    expect = {"fwd:a": 3, "fwd:b": 6.2, "fwd:c": 9.2, "bwd:c": 10.2, "bwd:b": 9.5, "bwd:a": 12.3}
+    expect["opt:a"] = 14.3
     for k, v in expect.items():
         assert start[k] == pytest.approx(v), k
-    assert s.makespan == pytest.approx(14.7 * MS)
-    # Without the host model the GPU-only replay is unchanged: a 0-1, b 1.1-2.1, c 1-2,
-    # bwd:c 2-4, bwd:b 2.1-4.1, bwd:a 4.2-6.2, opt 6.2-6.7.
-    base = simulate(g, place, _cluster())
-    assert base.makespan == pytest.approx(6.7 * MS)
-    free = simulate(g, place, _cluster(), host=HostModel(0.0))
-    np.testing.assert_allclose(free.schedule.start, base.schedule.start)
+    assert s.makespan == pytest.approx(14.8 * MS)
+    assert [(t.src, t.dst) for t in s.transfers] == [(0, 1), (1, 0)]
+    assert s.transfers[1].start == pytest.approx(12.2 * MS)
+    # Without the host model the list scheduler's replay is unchanged: a 0-1, b 1.1-2.1,
+    # c 1-2, bwd:c 2-4, bwd:b 2.1-4.1, bwd:a 4.2-6.2, opt 6.2-6.7; with free launches the
+    # executor replay agrees on this graph.
+    assert simulate(g, place, _cluster()).makespan == pytest.approx(6.7 * MS)
+    assert simulate(g, place, _cluster(), host=HostModel(0.0)).makespan == pytest.approx(6.7 * MS)
+
+
+def test_autograd_priority_can_serialise_the_backward() -> None:
+    """Device 1's backward thread runs the ready task created last in the forward first: the
+    long ``z`` before the cheap ``s`` whose gradient device 0 waits for."""
+    g = _graph(
+        [
+            ("fwd:x", 0.1),
+            ("fwd:p", 1),
+            ("fwd:s", 0.1),
+            ("fwd:z", 1),
+            ("fwd:o", 0.1),
+            ("bwd:o", 0.1),
+            ("bwd:z", 5),
+            ("bwd:s", 0.1),
+            ("bwd:p", 5),
+        ],
+        [
+            ("fwd:x", "fwd:z"),
+            ("fwd:p", "fwd:s"),
+            ("fwd:s", "fwd:o"),
+            ("fwd:z", "fwd:o"),
+            ("fwd:o", "bwd:o"),
+            ("fwd:z", "bwd:z"),
+            ("fwd:s", "bwd:s"),
+            ("fwd:p", "bwd:p"),
+            ("bwd:o", "bwd:s"),
+            ("bwd:o", "bwd:z"),
+            ("bwd:s", "bwd:p"),
+        ],
+    )
+    place = {n: 0 if n.endswith(":p") else 1 for n in g.names}
+    s = simulate(g, place, _cluster(), host=HostModel(0.0)).schedule
+    start = dict(zip(g.names, s.start / MS))
+    # Forward: x 0-0.1, p 0-1, copy 1-1.1, s 1.1-1.2, z 1.2-2.2, o 2.2-2.3. Backward on
+    # device 1: o 2.3-2.4, z 2.4-7.4, s 7.4-7.5; the gradient copy 7.5-7.6; p 7.6-12.6.
+    expect = {"fwd:s": 1.1, "fwd:z": 1.2, "bwd:o": 2.3, "bwd:z": 2.4, "bwd:s": 7.4, "bwd:p": 7.6}
+    for k, v in expect.items():
+        assert start[k] == pytest.approx(v), k
+    assert s.makespan == pytest.approx(12.6 * MS)
+    # Created after z, s goes first: z 0.1-1.1, s 1.1-1.2, o 1.2-1.3; backward o 1.3-1.4,
+    # s 1.4-1.5, then z 1.5-6.5 on device 1 while the gradient copy (on the pair's copy
+    # stream, 1.5-1.6) lets p run 1.6-6.6 on device 0.
+    order = ["x", "p", "z", "s", "o"]
+    s2 = simulate(g, place, _cluster(), host=HostModel(0.0), order=order)
+    assert s2.makespan == pytest.approx(6.6 * MS)
 
 
 def test_host_model_rejects_bad_costs() -> None:

@@ -65,8 +65,6 @@ class ListScheduler:
     a colocation group is placed whole when its first op is: it reserves
     :func:`~scaledl.placement.bounds.group_reservation` bytes and is pinned to that device.
     ``release_memory`` frees each node's ``release`` bytes after it runs (training replay).
-    ``not_before[i]`` is the earliest start of node i (its host launch time, see
-    :func:`~scaledl.placement.simulator.host_launch_times`); default 0 for every node.
     """
 
     algorithm = "list scheduling"
@@ -80,7 +78,6 @@ class ListScheduler:
         enforce_memory: bool = True,
         release_memory: bool = False,
         contention: str | None = None,
-        not_before: np.ndarray | None = None,
     ) -> None:
         self.g = graph
         self.c = cluster
@@ -114,10 +111,6 @@ class ListScheduler:
                 sum(self.params[i] for i in members),
             )
         self.gdev: dict[str, int] = {}
-        # Earliest start per node (e.g. its host launch time); all zero: pure dataflow.
-        self.not_before = [0.0] * self.n if not_before is None else [float(x) for x in not_before]
-        if len(self.not_before) != self.n:
-            raise ValueError(f"not_before has {len(self.not_before)} entries for {self.n} nodes")
         self.pinned = None if pinned is None else [int(x) for x in pinned]
         if self.pinned is not None:
             if len(self.pinned) != self.n:
@@ -187,7 +180,7 @@ class ListScheduler:
     # -- timing ---------------------------------------------------------------------------------
     def ready_info(self, o: int, d: int) -> tuple[float, int, list]:
         """``ready_ts(o, d)``, the inbound bytes and the transfers it would need."""
-        t = self.not_before[o]
+        t = 0.0
         inbound = 0
         plan = []
         dev, end, cache = self.dev, self.end, self.cache

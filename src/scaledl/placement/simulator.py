@@ -27,7 +27,7 @@ import numpy as np
 from scaledl.placement.bounds import lower_bounds
 from scaledl.placement.cost_model import GIB, Cluster
 from scaledl.placement.graph import OpGraph
-from scaledl.placement.list_scheduler import ListScheduler, Schedule
+from scaledl.placement.list_scheduler import ListScheduler, Schedule, Transfer
 
 
 @dataclass
@@ -118,10 +118,10 @@ def as_device_array(graph: OpGraph, placement: Mapping[str, int] | Sequence[int]
 
 @dataclass(frozen=True)
 class HostModel:
-    """Host seconds to launch one op: ``forward_s`` per forward op (and per cross-device copy
-    unless ``copy_s`` is given) on the one Python thread, ``backward_s`` per backward op on
-    autograd's thread of its device. Calibrate them from a step that is not synchronised
-    (host wall time / ops launched)."""
+    """Host seconds to launch one op: ``forward_s`` per forward op on the one Python thread,
+    ``backward_s`` per backward op on autograd's thread of its device, ``copy_s`` per
+    cross-device copy (default ``forward_s``). Calibrate them from a step that is not
+    synchronised (host wall time / ops launched)."""
 
     forward_s: float
     backward_s: float = 0.0
@@ -158,53 +158,192 @@ def _forward_launch_order(graph: OpGraph, fwd: list[int], order: Sequence[str] |
     return out
 
 
+class _ExecutorReplay:
+    """The training step as :class:`~scaledl.placement.executor.PlacedModule`, autograd and
+    the optimizer issue it: first the host (when each op and copy is launched), then the
+    devices (each runs its launches in order, one stream per device)."""
+
+    def __init__(self, graph: OpGraph, devs: np.ndarray, cluster: Cluster, host: HostModel):
+        self.g, self.devs, self.c, self.h = graph, devs, cluster, host
+        self.copy_s = host.forward_s if host.copy_s is None else host.copy_s
+        kinds = graph.kind
+        self.bwd = [k == "backward" for k in kinds]
+        self.opt = [k == "optimizer" for k in kinds]
+        self.fwd = [not (b or o) for b, o in zip(self.bwd, self.opt)]
+        #: (host time, kind, payload) per launch; kinds: run, fcopy, bcopy.
+        self.launches: list[tuple[float, str, Any]] = []
+        self.launch_time = np.zeros(len(graph))
+
+    def _launch(self, t: float, kind: str, payload: Any) -> None:
+        self.launches.append((t, kind, payload))
+        if kind == "run":
+            self.launch_time[payload] = t
+
+    def host(self, order: Sequence[str] | None) -> None:
+        g, devs = self.g, self.devs
+        fwd_order = _forward_launch_order(g, [v for v in range(len(g)) if self.fwd[v]], order)
+        # Forward: one thread; each producer's copies follow it (one per other device, over
+        # the distinct tensors its consumers there read).
+        t = 0.0
+        for v in fwd_order:
+            t += self.h.forward_s
+            self._launch(t, "run", v)
+            sends: dict[int, dict[int, int]] = {}
+            for w in g.succ[v]:
+                if self.fwd[w] and devs[w] != devs[v]:
+                    sends.setdefault(int(devs[w]), {}).update(g.edge_tensors[(v, w)])
+            for dst in sorted(sends):
+                t += self.copy_s
+                self._launch(t, "fcopy", (v, dst, sum(sends[dst].values())))
+        self._backward(fwd_order, t)
+
+    def _backward(self, fwd_order: list[int], t_forward: float) -> None:
+        """Autograd's threads, one per device, each running its ready task with the highest
+        sequence number (the latest created in the forward) first. A gradient for another
+        device is sent by the backward of the forward copy, a task of the receiving-side
+        thread created right after the producer (so it ranks just above it)."""
+        g, devs = self.g, self.devs
+        seq_of = {g.names[v].split(":", 1)[-1]: i for i, v in enumerate(fwd_order)}
+        tasks: list[tuple[str, Any, int, float, float]] = []  # kind, payload, device, seq, cost
+        index: dict[Any, int] = {}
+        deps: list[list[int]] = []
+        for b in range(len(g)):
+            if self.bwd[b]:
+                seq = seq_of.get(g.names[b].split(":", 1)[-1], -1)
+                index[b] = len(tasks)
+                tasks.append(("run", b, int(devs[b]), seq, self.h.backward_s))
+                deps.append([])
+        for b in range(len(g)):
+            if not self.bwd[b]:
+                continue
+            remote: dict[int, list[int]] = {}
+            for c in g.pred[b]:
+                if not self.bwd[c]:
+                    continue
+                if devs[c] == devs[b]:
+                    deps[index[b]].append(index[c])
+                else:
+                    remote.setdefault(int(devs[c]), []).append(c)
+            for d, grads in sorted(remote.items()):
+                nbytes = max(b_ for c in grads for _, b_ in g.edge_tensors[(c, b)])
+                k = len(tasks)
+                seq = tasks[index[b]][3] + 0.5
+                tasks.append(("bcopy", (b, d, nbytes, grads), d, seq, self.copy_s))
+                deps.append([index[c] for c in grads])
+                deps[index[b]].append(k)
+        users: list[list[int]] = [[] for _ in tasks]
+        left = [len(x) for x in deps]
+        for k, ds in enumerate(deps):
+            for j in ds:
+                users[j].append(k)
+        ready_at = [t_forward] * len(tasks)
+        m = len(self.c)
+        free = [t_forward] * m
+        pending: list[list[int]] = [[] for _ in range(m)]
+        for k, task in enumerate(tasks):
+            if not left[k]:
+                pending[task[2]].append(k)
+        for _ in range(len(tasks)):
+            best = None
+            for d in range(m):
+                if not pending[d]:
+                    continue
+                t = max(free[d], min(ready_at[k] for k in pending[d]))
+                k = max((k for k in pending[d] if ready_at[k] <= t), key=lambda k: tasks[k][3])
+                if best is None or t < best[0]:
+                    best = (t, d, k)
+            if best is None:
+                raise ValueError("the backward graph has a cycle")
+            t, d, k = best
+            pending[d].remove(k)
+            kind, payload, _, _, cost = tasks[k]
+            free[d] = t + cost
+            self._launch(free[d], kind, payload)
+            for u in users[k]:
+                ready_at[u] = max(ready_at[u], free[d])
+                left[u] -= 1
+                if not left[u]:
+                    pending[tasks[u][2]].append(u)
+        # ``optimizer.step()`` once ``backward()`` has returned.
+        done = max(free, default=t_forward)
+        for v in range(len(g)):
+            if self.opt[v]:
+                self._launch(done, "run", v)
+
+    def devices(self) -> tuple[np.ndarray, np.ndarray, list[Transfer]]:
+        """Start and end per node and the copies, replaying the launches in host-time order:
+        a launch starts when it was launched, its stream is free and its inputs are there."""
+        g, devs, c = self.g, self.devs, self.c
+        n = len(g)
+        start, end = np.zeros(n), np.zeros(n)
+        stream = [0.0] * len(c)  # each device's compute stream
+        chan: dict[tuple[int, int], float] = {}  # the copy streams of a device pair
+        arrival: dict[tuple[int, int], float] = {}
+        first_user: dict[tuple[int, int], int] = {}
+        transfers: list[Transfer] = []
+        launches = sorted(enumerate(self.launches), key=lambda x: (x[1][0], x[0]))
+        for _, (t, kind, x) in launches:
+            if kind == "run":
+                v, d = x, int(devs[x])
+                r = max(t, stream[d])
+                for u in g.pred[v]:
+                    if devs[u] == d:
+                        r = max(r, end[u])
+                    elif self.fwd[u]:  # its forward copy (a saved input for a backward)
+                        r = max(r, arrival.get((u, d), end[u]))
+                        first_user.setdefault((u, d), v)
+                    # a remote gradient: its copy already holds this stream (below)
+                start[v], end[v] = r, r + g.compute[v]
+                stream[d] = end[v]
+                continue
+            if kind == "fcopy":  # waits for its producer's stream, then its copy stream
+                v, dst, nbytes = x
+                src, grads = int(devs[v]), ()
+                wait = stream[src]
+            else:  # the backward of a forward copy: after the gradients, a two-way barrier
+                b, src, nbytes, grads = x
+                v, dst = b, int(devs[b])
+                wait = max([end[u] for u in grads] + [stream[dst]])
+            # The copy streams of the forward pair: a gradient goes back on the pair's stream.
+            key = (src, dst) if kind == "fcopy" else (dst, src)
+            s = max(t, wait, chan.get(key, 0.0))
+            e = s + c.latency[src][dst] + nbytes * c.per_byte[src][dst]
+            chan[key] = e
+            if kind == "fcopy":
+                arrival[(v, dst)] = e
+                transfers.append(Transfer(v, v, src, dst, nbytes, s, e))
+            else:  # the receiving device's stream waits for the copy
+                stream[dst] = max(stream[dst], e)
+                transfers.append(Transfer(grads[0], b, src, dst, nbytes, s, e))
+        for tr in transfers:  # name the first consumer of each forward copy
+            if tr.producer == tr.consumer and (tr.producer, tr.dst) in first_user:
+                tr.consumer = first_user[(tr.producer, tr.dst)]
+        return start, end, transfers
+
+
 def host_launch_times(
     graph: OpGraph,
     placement: Mapping[str, int] | Sequence[int] | np.ndarray,
     host: HostModel,
     order: Sequence[str] | None = None,
+    *,
+    cluster: Cluster | None = None,
 ) -> np.ndarray:
     """When the executor's host has launched each node (seconds from the step's start).
 
     Forward (and untyped) nodes: one thread, in launch order (``order``: names by launch
-    priority, as ``Plan.fx_order()``; default graph order), each taking ``forward_s`` plus
-    ``copy_s`` per other device its forward consumers run on (copies follow their producer).
-    Backward nodes: after the forward, one thread per device in reverse launch order (the
-    autograd engine's priority), each launched ``backward_s`` after both its device's thread is
-    free and its gradient inputs were launched, plus ``copy_s`` per other device it sends a
-    gradient to. Optimizer nodes: when the whole backward has been launched.
+    priority, as ``Plan.fx_order()``; default graph order), each taking ``forward_s`` and each
+    followed by its copies (``copy_s`` per other device its forward consumers run on).
+    Backward nodes: after the forward, one thread per device, each picking among the ready
+    tasks the one created last in the forward (autograd's priority) and taking ``backward_s``;
+    a gradient for another device is one more task (``copy_s``) on the sending device's
+    thread. Optimizer nodes: when the last backward thread is done.
     """
     devs = as_device_array(graph, placement)
-    copy_s = host.forward_s if host.copy_s is None else host.copy_s
-    kinds = graph.kind
-    fwd = [v for v in range(len(graph)) if kinds[v] not in ("backward", "optimizer")]
-    launch = np.zeros(len(graph))
-    t = 0.0
-    fwd_order = _forward_launch_order(graph, fwd, order)
-    for v in fwd_order:
-        t += host.forward_s
-        launch[v] = t
-        others = {int(devs[w]) for w in graph.succ[v] if kinds[w] not in ("backward", "optimizer")}
-        t += copy_s * len(others - {int(devs[v])})
-    thread = dict.fromkeys(range(int(devs.max()) + 1 if len(devs) else 0), t)
-    bwd_of = {
-        graph.names[b].split(":", 1)[-1]: b for b in range(len(graph)) if kinds[b] == "backward"
-    }
-    done = t
-    for v in reversed(fwd_order):
-        b = bwd_of.get(graph.names[v].split(":", 1)[-1])
-        if b is None:
-            continue
-        d = int(devs[b])
-        grads = [launch[u] for u in graph.pred[b] if kinds[u] == "backward"]
-        launch[b] = max([thread[d], *grads]) + host.backward_s
-        sends = {int(devs[w]) for w in graph.succ[b] if kinds[w] == "backward"} - {d}
-        thread[d] = launch[b] + copy_s * len(sends)
-        done = max(done, thread[d])
-    for v in range(len(graph)):
-        if kinds[v] == "optimizer":
-            launch[v] = done
-    return launch
+    m = int(devs.max()) + 1 if len(devs) else 1
+    replay = _ExecutorReplay(graph, devs, cluster or Cluster([1] * m), host)
+    replay.host(order)
+    return replay.launch_time
 
 
 def simulate(
@@ -220,11 +359,14 @@ def simulate(
 ) -> PlacementResult:
     """Replay ``placement`` on ``cluster``: schedule, makespan and per-device peak memory.
 
-    With ``host``, no node starts before the executor's host has launched it
-    (:func:`host_launch_times`, forward launch ``order`` as given to ``PlacedModule``)."""
+    With ``host`` the timing follows the executor instead of the list scheduler: launches at
+    the host times of :func:`host_launch_times` (forward launch ``order`` as given to
+    ``PlacedModule``), each device running its launches in that order (one stream), forward
+    copies on a stream per device pair right after their producer, a gradient copy a barrier
+    of both devices' streams (PyTorch's cross-device copy). ``contention`` does not apply
+    there (copies of a device pair queue on their stream). Memory is the list scheduler's."""
     t0 = time.perf_counter()
     devs = as_device_array(graph, placement)
-    not_before = None if host is None else host_launch_times(graph, devs, host, order)
     sched = ListScheduler(
         graph,
         cluster,
@@ -232,6 +374,11 @@ def simulate(
         enforce_memory=False,
         release_memory=release_memory,
         contention=contention,
-        not_before=not_before,
     ).run()
+    if host is not None:
+        replay = _ExecutorReplay(graph, devs, cluster, host)
+        replay.host(order)
+        start, end, transfers = replay.devices()
+        launched = sorted(range(len(graph)), key=lambda v: (replay.launch_time[v], v))
+        sched = Schedule(devs, start, end, sched.peak_memory, transfers, launched)
     return finish(algorithm, graph, cluster, sched, t0, host_model=host is not None)
