@@ -12,7 +12,8 @@ For each model (synthetic parallel branches, the 6+6 Transformer, an Inception-s
 3. place the training graph with m-TOPO, m-ETF and m-SCT, and build the baselines: single
    device (uncapped reference), a hand-written expert split, a sequential memory fill like
    Accelerate's ``device_map="auto"`` and an equal-size two-stage pipeline split;
-4. run each placement with ``PlacedModule`` in its own scope (Adam, MSE loss; median step
+4. run each placement with ``PlacedModule`` (launch order: the plan's, else the simulated
+   order of that placement) in its own scope (Adam, MSE loss; median step
    time over ``--steps`` after warm-up; memory released before and after) and compare with
    the simulator: |simulated - measured| / measured for each contention model, and for the
    replay with the executor's host launches (``HostModel`` calibrated per model from the
@@ -393,10 +394,16 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
             continue
         gp = graph_placement(graph, cand["fx"])
         sims = {c: simulate(graph, gp, cluster, contention=c) for c in ("shared", "link", "none")}
-        # The same replay with the executor's host launches (its launch order included).
-        sim_host = simulate(
-            graph, gp, cluster, contention=args.contention, host=host, order=cand.get("order")
-        )
+        # Launch order: the plan's, else the simulated one of this placement (fx order would
+        # queue ops on a device's stream, and rank them for autograd's backward, unlike the
+        # simulation).
+        order = cand.get("order") or sims[args.contention].launch_order()
+        # The executor replay: its host launches, streams, autograd's backward order.
+        sim_host = simulate(graph, gp, cluster, contention=args.contention, host=host, order=order)
+        # What the earlier executor (copies at first use, fx order) would take: a reference
+        # for measurements made with it.
+        earlier = HostModel(host.forward_s, host.backward_s, copies="first-use")
+        sim_earlier = simulate(graph, gp, cluster, host=earlier, order=cand.get("order"))
         est_peak = max(sims[args.contention].peak_memory)
         headroom = int(args.headroom_gib * GIB)
         caps = (
@@ -412,19 +419,21 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
             args.steps,
             args.warmup,
             leaves,
-            cand.get("order"),
+            order,
             cap_bytes=caps,
         )
         fid = {c: _rel_err(s.makespan, meas["step_s"]) for c, s in sims.items()}
         fid_host = _rel_err(sim_host.makespan, meas["step_s"])
         rec.update(
             devices_used=sorted(set(cand["fx"].values())),
+            launch_order="plan" if cand.get("order") else "simulated",
             placement_s=cand.get("placement_s"),
             estimated_peak_gib=est_peak / GIB,
             fits_cap=est_peak <= cap,
             simulated_s={c: s.makespan for c, s in sims.items()},
             fidelity=fid,
             simulated_host_s=sim_host.makespan,
+            simulated_earlier_executor_s=sim_earlier.makespan,
             fidelity_host=fid_host,
             **meas,
         )

@@ -139,3 +139,26 @@ def test_host_model_rejects_bad_costs() -> None:
         HostModel(forward_s=-1.0)
     with pytest.raises(ValueError, match="host launch costs"):
         HostModel(forward_s=float("nan"))
+
+
+def test_copies_at_first_use_wait_for_what_their_device_launched_since() -> None:
+    """p (device 0) feeds s (device 1); q, launched between them on device 0, is unrelated."""
+    g = _graph([("fwd:p", 1), ("fwd:q", 3), ("fwd:s", 1)], [("fwd:p", "fwd:s")])
+    place = {"fwd:p": 0, "fwd:q": 0, "fwd:s": 1}
+    producer = simulate(g, place, _cluster(), host=HostModel(0.0)).schedule
+    first_use = simulate(g, place, _cluster(), host=HostModel(0.0, copies="first-use")).schedule
+    # Right after p: the copy runs 1-1.1 and s 1.1-2.1 beside q (1-4).
+    assert producer.transfers[0].start == pytest.approx(1 * MS)
+    assert producer.start[g.index["fwd:s"]] == pytest.approx(1.1 * MS)
+    assert producer.makespan == pytest.approx(4 * MS)
+    # At s's launch: the copy also waits for q (4-4.1), s runs 4.1-5.1.
+    assert first_use.transfers[0].start == pytest.approx(4 * MS)
+    assert first_use.makespan == pytest.approx(5.1 * MS)
+    with pytest.raises(ValueError, match="copies must be"):
+        HostModel(0.0, copies="lazy")
+
+
+def test_launch_order_is_the_simulated_start_order() -> None:
+    g, place = _tiny()
+    # a 0-1, c 1-2, b 1.1-2.1 (after the copy): c is launched before b.
+    assert simulate(g, place, _cluster()).launch_order() == ["a", "c", "b"]

@@ -63,6 +63,20 @@ class PlacementResult:
         """Node name -> device index."""
         return dict(zip(self.graph.names, self.placement.tolist()))
 
+    def launch_order(self) -> list[str]:
+        """Forward node names (``fwd:`` prefix dropped: fx names for a traced model) by
+        simulated start, ties by graph order: the ``order`` for
+        :class:`~scaledl.placement.executor.PlacedModule`, so that each device's stream gets
+        its ops in the simulated order and autograd's backward priority (creation order)
+        follows it too."""
+        start = self.schedule.start
+        keyed = [
+            (float(start[i]), i, _base_name(name))
+            for i, name in enumerate(self.graph.names)
+            if self.graph.kind[i] not in ("backward", "optimizer")
+        ]
+        return [name for _, _, name in sorted(keyed)]
+
     def summary(self) -> dict[str, Any]:
         """The JSON-friendly facts: timing, bounds, memory per device, nodes per device."""
         lb = self.bounds.get("lower_bound_s", 0.0)
@@ -100,6 +114,11 @@ def finish(
     )
 
 
+def _base_name(name: str) -> str:
+    """A training-graph node's op name (``fwd:``/``bwd:``/``opt:`` dropped): its fx name."""
+    return name[4:] if name[:4] in ("fwd:", "bwd:", "opt:") else name
+
+
 def as_device_array(graph: OpGraph, placement: Mapping[str, int] | Sequence[int]) -> np.ndarray:
     """A device index per node from a name -> device mapping or a sequence."""
     if isinstance(placement, Mapping):
@@ -121,16 +140,24 @@ class HostModel:
     """Host seconds to launch one op: ``forward_s`` per forward op on the one Python thread,
     ``backward_s`` per backward op on autograd's thread of its device, ``copy_s`` per
     cross-device copy (default ``forward_s``). Calibrate them from a step that is not
-    synchronised (host wall time / ops launched)."""
+    synchronised (host wall time / ops launched).
+
+    ``copies``: when the forward issues a copy: ``"producer"`` (right after its producer, as
+    :class:`~scaledl.placement.executor.PlacedModule` does) or ``"first-use"`` (just before
+    its first consumer, so it also waits for what its device launched in between; the
+    executor's behaviour before copies moved to their producer)."""
 
     forward_s: float
     backward_s: float = 0.0
     copy_s: float | None = None
+    copies: str = "producer"
 
     def __post_init__(self) -> None:
         costs = (self.forward_s, self.backward_s, self.copy_s or 0.0)
         if min(costs) < 0 or not all(np.isfinite(costs)):
             raise ValueError(f"host launch costs must be finite and >= 0, got {self}")
+        if self.copies not in ("producer", "first-use"):
+            raise ValueError(f"copies must be 'producer' or 'first-use', got {self.copies!r}")
 
 
 def _forward_launch_order(graph: OpGraph, fwd: list[int], order: Sequence[str] | None) -> list:
@@ -141,7 +168,7 @@ def _forward_launch_order(graph: OpGraph, fwd: list[int], order: Sequence[str] |
     key = {}
     for v in fwd:
         name = graph.names[v]
-        p = pos.get(name, pos.get(name.split(":", 1)[-1]))
+        p = pos.get(name, pos.get(_base_name(name)))
         key[v] = (len(pos) + own[v] if p is None else p, own[v])
     indeg = {v: sum(1 for u in set(graph.pred[v]) if u in own) for v in fwd}
     heap = [key[v] for v in fwd if indeg[v] == 0]
@@ -185,16 +212,32 @@ class _ExecutorReplay:
         # Forward: one thread; each producer's copies follow it (one per other device, over
         # the distinct tensors its consumers there read).
         t = 0.0
+        sends: dict[int, dict[int, dict[int, int]]] = {}  # producer -> device -> tensors
         for v in fwd_order:
-            t += self.h.forward_s
-            self._launch(t, "run", v)
-            sends: dict[int, dict[int, int]] = {}
             for w in g.succ[v]:
                 if self.fwd[w] and devs[w] != devs[v]:
-                    sends.setdefault(int(devs[w]), {}).update(g.edge_tensors[(v, w)])
-            for dst in sorted(sends):
-                t += self.copy_s
-                self._launch(t, "fcopy", (v, dst, sum(sends[dst].values())))
+                    sends.setdefault(v, {}).setdefault(int(devs[w]), {}).update(
+                        g.edge_tensors[(v, w)]
+                    )
+        # The autograd node of a copy is created when the copy is issued: its rank among the
+        # backward tasks (a producer's position in the launch order, plus a half).
+        self.copy_rank: dict[tuple[int, int], float] = {}
+        first_use = self.h.copies == "first-use"
+        for i, v in enumerate(fwd_order):
+            if first_use:
+                d = int(devs[v])
+                for u in dict.fromkeys(g.pred[v]):
+                    if d in sends.get(u, {}) and (u, d) not in self.copy_rank:
+                        t += self.copy_s
+                        self._launch(t, "fcopy", (u, d, sum(sends[u][d].values())))
+                        self.copy_rank[(u, d)] = i - 0.5
+            t += self.h.forward_s
+            self._launch(t, "run", v)
+            if not first_use:
+                for dst in sorted(sends.get(v, {})):
+                    t += self.copy_s
+                    self._launch(t, "fcopy", (v, dst, sum(sends[v][dst].values())))
+                    self.copy_rank[(v, dst)] = i + 0.5
         self._backward(fwd_order, t)
 
     def _backward(self, fwd_order: list[int], t_forward: float) -> None:
@@ -203,13 +246,14 @@ class _ExecutorReplay:
         device is sent by the backward of the forward copy, a task of the receiving-side
         thread created right after the producer (so it ranks just above it)."""
         g, devs = self.g, self.devs
-        seq_of = {g.names[v].split(":", 1)[-1]: i for i, v in enumerate(fwd_order)}
+        seq_of = {_base_name(g.names[v]): i for i, v in enumerate(fwd_order)}
+        fwd_of = {_base_name(g.names[v]): v for v in fwd_order}
         tasks: list[tuple[str, Any, int, float, float]] = []  # kind, payload, device, seq, cost
         index: dict[Any, int] = {}
         deps: list[list[int]] = []
         for b in range(len(g)):
             if self.bwd[b]:
-                seq = seq_of.get(g.names[b].split(":", 1)[-1], -1)
+                seq = seq_of.get(_base_name(g.names[b]), -1)
                 index[b] = len(tasks)
                 tasks.append(("run", b, int(devs[b]), seq, self.h.backward_s))
                 deps.append([])
@@ -227,7 +271,8 @@ class _ExecutorReplay:
             for d, grads in sorted(remote.items()):
                 nbytes = max(b_ for c in grads for _, b_ in g.edge_tensors[(c, b)])
                 k = len(tasks)
-                seq = tasks[index[b]][3] + 0.5
+                u = fwd_of.get(_base_name(g.names[b]))
+                seq = self.copy_rank.get((u, d), tasks[index[b]][3] + 0.5)
                 tasks.append(("bcopy", (b, d, nbytes, grads), d, seq, self.copy_s))
                 deps.append([index[c] for c in grads])
                 deps[index[b]].append(k)
