@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import os
 import sys
@@ -187,7 +188,15 @@ def error_text(exc: BaseException) -> str:
 
 
 def run_configuration(
-    model, placement, devices, inputs, steps: int, warmup: int, leaves=(), order=None
+    model,
+    placement,
+    devices,
+    inputs,
+    steps: int,
+    warmup: int,
+    leaves=(),
+    order=None,
+    grad_copies: str = "deferred",
 ) -> dict[str, Any]:
     """Median training-step seconds of a placed model (Adam, MSE to zero) and peak memory.
 
@@ -196,7 +205,12 @@ def run_configuration(
     the function returns."""
     try:
         pm = PlacedModule(
-            copy.deepcopy(model), placement, devices, leaf_modules=leaves, order=order
+            copy.deepcopy(model),
+            placement,
+            devices,
+            leaf_modules=leaves,
+            order=order,
+            grad_copies=grad_copies,
         )
         opt = torch.optim.Adam(pm.parameters(), lr=1e-4)
 
@@ -255,6 +269,7 @@ def measure_step(
     order=None,
     *,
     cap_bytes: list[int] | None = None,
+    grad_copies: str = "deferred",
 ) -> dict[str, Any]:
     """:func:`run_configuration` in a clean scope: memory released before and after, the cap
     (``cap_bytes[i]`` for physical CUDA device i, on top of what is already allocated there)
@@ -262,7 +277,9 @@ def measure_step(
     before = release_device_memory(devices)
     limits = set_caps(devices, cap_bytes, before)
     try:
-        meas = run_configuration(model, placement, devices, inputs, steps, warmup, leaves, order)
+        meas = run_configuration(
+            model, placement, devices, inputs, steps, warmup, leaves, order, grad_copies
+        )
     finally:
         set_caps(devices, None)
     after = release_device_memory(devices)
@@ -324,6 +341,35 @@ def model_output(gm: torch.fx.GraphModule) -> str | None:
     return out.name if isinstance(out, torch.fx.Node) else None
 
 
+def check_grad_copies(model, fx_map, devices, inputs, leaves) -> dict[str, Any]:
+    """On GPUs: one step's parameter gradients with deferred gradient copies against
+    autograd's copies (largest difference relative to the largest gradient)."""
+    if not cuda_devices(devices) or len(set(fx_map.values())) < 2:
+        return {"checked": False}
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        for mode in ("deferred", "autograd"):
+            release_device_memory(devices)
+            pm = PlacedModule(
+                copy.deepcopy(model), fx_map, devices, leaf_modules=leaves, grad_copies=mode
+            )
+            pm(*inputs).float().square().mean().backward()
+            grads[mode] = {
+                k: p.grad.detach().cpu() for k, p in pm.gm.named_parameters() if p.grad is not None
+            }
+            del pm
+    except Exception as exc:  # the fallback must still run the benchmark
+        traceback.clear_frames(exc.__traceback__)
+        release_device_memory(devices)
+        return {"checked": True, "ok": False, "error": error_text(exc)}
+    release_device_memory(devices)
+    a, b = grads["deferred"], grads["autograd"]
+    scale = max((g.abs().max().item() for g in b.values()), default=0.0) or 1.0
+    diff = max((float((a[k] - g).abs().max()) for k, g in b.items() if k in a), default=0.0)
+    same = set(a) == set(b)
+    return {"checked": True, "ok": same and diff <= 1e-3 * scale, "max_rel_diff": diff / scale}
+
+
 def calibrate_host(model, fx_names, devices, inputs, leaves, graph, steps=3) -> HostModel:
     """Host launch cost per op of :class:`PlacedModule` (the simulator's host-dispatch term):
     the median host wall time of an unsynchronised forward (+ loss) and backward() on one
@@ -363,6 +409,13 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
     fx_names = [n.name for n in gm.graph.nodes if n.op != "output"]
     spec = {s.name: s for s in traced.specs}
     host = calibrate_host(model, fx_names, devices, inputs, leaves, graph)
+    # Deferred gradient copies (the default) must give autograd's gradients; else fall back.
+    expert_fx = follow_inputs(gm, expert_rule)
+    grad_check = check_grad_copies(model, expert_fx, devices, inputs, leaves)
+    grad_copies = args.grad_copies if grad_check.get("ok", True) else "autograd"
+    host = dataclasses.replace(
+        host, grad_copies="deferred" if grad_copies == "deferred" else "barrier"
+    )
     output = model_output(gm)
     candidates: dict[str, dict[str, Any]] = {}
     for algo in ALGOS:
@@ -375,7 +428,7 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
             }
         except InfeasiblePlacementError as exc:
             candidates[algo] = {"error": str(exc)}
-    candidates["expert"] = {"fx": follow_inputs(gm, expert_rule)}
+    candidates["expert"] = {"fx": expert_fx}
     fwd_perm = [int(graph.permanent[graph.index[f"fwd:{n}"]]) for n in fx_names]
     seq = contiguous_split(fx_names, fwd_perm, cap, 2)
     candidates["sequential-fill"] = {"fx": dict(zip(fx_names, seq))}
@@ -402,7 +455,9 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
         sim_host = simulate(graph, gp, cluster, contention=args.contention, host=host, order=order)
         # What the earlier executor (copies at first use, fx order) would take: a reference
         # for measurements made with it.
-        earlier = HostModel(host.forward_s, host.backward_s, copies="first-use")
+        earlier = HostModel(
+            host.forward_s, host.backward_s, copies="first-use", grad_copies="barrier"
+        )
         sim_earlier = simulate(graph, gp, cluster, host=earlier, order=cand.get("order"))
         est_peak = max(sims[args.contention].peak_memory)
         headroom = int(args.headroom_gib * GIB)
@@ -421,6 +476,7 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
             leaves,
             order,
             cap_bytes=caps,
+            grad_copies=grad_copies,
         )
         fid = {c: _rel_err(s.makespan, meas["step_s"]) for c, s in sims.items()}
         fid_host = _rel_err(sim_host.makespan, meas["step_s"])
@@ -459,6 +515,8 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
         "graph_nodes": len(graph),
         "cap_gib": cap / GIB,
         "host_model": {"forward_s": host.forward_s, "backward_s": host.backward_s},
+        "grad_copies": grad_copies,
+        "grad_copies_check": grad_check,
         "single_device_estimate_gib": single_est / GIB,
         "records": records,
         "simulated_clusters": simulated_clusters(graph, comm, single_est, args.contention),
@@ -547,6 +605,12 @@ def main() -> None:
     ap.add_argument("--headroom-gib", type=float, default=2.0, help="runtime cap slack (GPU)")
     ap.add_argument("--contention", choices=["shared", "link", "none"], default="shared")
     ap.add_argument("--profile-repeats", type=int, default=5)
+    ap.add_argument(
+        "--grad-copies",
+        choices=["deferred", "autograd"],
+        default="deferred",
+        help="how PlacedModule sends gradients between GPUs",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/)")
     args = ap.parse_args()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

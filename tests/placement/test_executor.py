@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from scaledl.placement import PlacedModule, place
+from scaledl.placement.executor import _AwaitGrad, _DeviceCopy, _GradLink
 from scaledl.placement.models import GPT2, GPT2Block, MLPBlock, ParallelBranches, Seq2SeqTransformer
 from scaledl.placement.trace import symbolic_trace
 
@@ -110,6 +111,22 @@ def test_bad_placements_are_rejected() -> None:
         PlacedModule(model, {**mapping, "inp": -1}, ["cpu"])
 
 
+def test_deferred_gradient_copy_is_an_exact_differentiable_copy() -> None:
+    """The copy pair used between GPUs: forward copies, backward returns the gradient, and
+    the copy is a tensor of its own (in-place use downstream is allowed)."""
+    t = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    link = _GradLink()
+    y = _DeviceCopy.apply(_AwaitGrad.apply(t, link), None, torch.device("cpu"), link, {}, 0)
+    assert y.data_ptr() != t.data_ptr() and not y._is_view()
+    torch.testing.assert_close(y, t)
+    w = torch.randn(5, 3, dtype=torch.float64)
+    (y.relu_() * w).sum().backward()
+    torch.testing.assert_close(t.grad, w * (t.detach() > 0))
+    assert link.event is None  # no GPU copy, nothing to wait for
+    with pytest.raises(ValueError, match="grad_copies must be"):
+        PlacedModule(ParallelBranches(2, 1, 8), {}, ["cpu"], grad_copies="now")
+
+
 @pytest.mark.gpu
 def test_two_gpus_match_single_device() -> None:
     if torch.cuda.device_count() < 2:
@@ -119,13 +136,18 @@ def test_two_gpus_match_single_device() -> None:
     x = (torch.randn(16, 64),)
     ref_out, ref_grads = _run(copy.deepcopy(model), x)
     plan = place(model, x, devices=2, memory_gib=0.002, leaf_modules=(MLPBlock,))
-    pm = PlacedModule(copy.deepcopy(model), plan, ["cuda:0", "cuda:1"])
-    out, _ = _run(pm, tuple(t.cuda() for t in x))
-    torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-4, atol=1e-5)
-    for k, g in ref_grads.items():
-        torch.testing.assert_close(
-            dict(pm.gm.named_parameters())[k].grad.cpu(), g, rtol=1e-4, atol=1e-5
-        )
+    for mode in ("deferred", "autograd"):
+        pm = PlacedModule(copy.deepcopy(model), plan, ["cuda:0", "cuda:1"], grad_copies=mode)
+        assert pm.grad_copies == mode
+        for _ in range(2):  # the second step reuses the copy streams and cached blocks
+            pm.zero_grad(set_to_none=True)
+            out, _ = _run(pm, tuple(t.cuda() for t in x))
+        assert pm.copies > 0
+        torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-4, atol=1e-5)
+        for k, g in ref_grads.items():
+            torch.testing.assert_close(
+                dict(pm.gm.named_parameters())[k].grad.cpu(), g, rtol=1e-4, atol=1e-5
+            )
 
 
 def test_copies_are_issued_right_after_their_producer() -> None:

@@ -50,11 +50,12 @@ def _cluster() -> Cluster:
 
 
 HOST = HostModel(forward_s=3 * MS, backward_s=0.3 * MS, copy_s=0.2 * MS)
+BARRIER = HostModel(3 * MS, 0.3 * MS, 0.2 * MS, grad_copies="barrier")
 
 
 def test_launch_times_match_hand_computation() -> None:
     g, place = _tiny()
-    t = dict(zip(g.names, host_launch_times(g, place, HOST) / MS))
+    t = dict(zip(g.names, host_launch_times(g, place, BARRIER) / MS))
     # Forward thread: a at 3, its copy to device 1 until 3.2, b at 6.2, c at 9.2.
     # Backward threads from 9.2: c (device 0) and b (device 1) at 9.5; device 1's thread then
     # sends b's gradient (9.7); a at 9.7 + 0.3 = 10; the optimizer when backward returns (10).
@@ -62,14 +63,18 @@ def test_launch_times_match_hand_computation() -> None:
     expect |= {"bwd:a": 10, "opt:a": 10}
     for k, v in expect.items():
         assert t[k] == pytest.approx(v), k
+    # Deferred gradient copies: device 0's thread also runs the wait for b's gradient
+    # (9.7 + 0.2 = 9.9) before a (10.2); the optimizer at 10.2.
+    t = dict(zip(g.names, host_launch_times(g, place, HOST) / MS))
+    assert t["bwd:a"] == pytest.approx(10.2) and t["opt:a"] == pytest.approx(10.2)
     # The launch order follows ``order`` (by fx name) where the graph allows it.
-    t2 = dict(zip(g.names, host_launch_times(g, place, HOST, order=["a", "c", "b"]) / MS))
+    t2 = dict(zip(g.names, host_launch_times(g, place, BARRIER, order=["a", "c", "b"]) / MS))
     assert t2["fwd:c"] == pytest.approx(6.2) and t2["fwd:b"] == pytest.approx(9.2)
 
 
 def test_replay_with_host_matches_hand_schedule() -> None:
     g, place = _tiny()
-    s = simulate(g, place, _cluster(), host=HOST).schedule
+    s = simulate(g, place, _cluster(), host=BARRIER).schedule
     start = dict(zip(g.names, s.start / MS))
     # a 3-4, its copy 4-4.1; b waits for its launch (6.2): 6.2-7.2; c 9.2-10.2; bwd:c 10.2-12.2;
     # bwd:b 9.5-11.5; b's gradient copy waits for device 0's stream too (12.2): 12.2-12.3;
@@ -81,6 +86,12 @@ def test_replay_with_host_matches_hand_schedule() -> None:
     assert s.makespan == pytest.approx(14.8 * MS)
     assert [(t.src, t.dst) for t in s.transfers] == [(0, 1), (1, 0)]
     assert s.transfers[1].start == pytest.approx(12.2 * MS)
+    # Deferred: the gradient copy needs only bwd:b (11.5-11.6); device 0's stream waits for it
+    # behind bwd:c, so bwd:a runs 12.2-14.2 and the optimizer 14.2-14.7.
+    d = simulate(g, place, _cluster(), host=HOST).schedule
+    assert d.transfers[1].start == pytest.approx(11.5 * MS)
+    assert d.start[g.index["bwd:a"]] == pytest.approx(12.2 * MS)
+    assert d.makespan == pytest.approx(14.7 * MS)
     # Without the host model the list scheduler's replay is unchanged: a 0-1, b 1.1-2.1,
     # c 1-2, bwd:c 2-4, bwd:b 2.1-4.1, bwd:a 4.2-6.2, opt 6.2-6.7; with free launches the
     # executor replay agrees on this graph.
@@ -156,6 +167,8 @@ def test_copies_at_first_use_wait_for_what_their_device_launched_since() -> None
     assert first_use.makespan == pytest.approx(5.1 * MS)
     with pytest.raises(ValueError, match="copies must be"):
         HostModel(0.0, copies="lazy")
+    with pytest.raises(ValueError, match="grad_copies must be"):
+        HostModel(0.0, grad_copies="eager")
 
 
 def test_launch_order_is_the_simulated_start_order() -> None:

@@ -57,8 +57,12 @@ class PlacedModule(nn.Module):
         leaf_modules: Sequence[type] = (),
         order: Sequence[str] | None = None,
         output_device: torch.device | str | None = None,
+        grad_copies: str = "deferred",
     ) -> None:
         super().__init__()
+        if grad_copies not in ("deferred", "autograd"):
+            raise ValueError(f"grad_copies must be 'deferred' or 'autograd', got {grad_copies!r}")
+        self.grad_copies = grad_copies
         if hasattr(placement, "fx_placement"):
             if placement.traced is not None:
                 leaf_modules = tuple(leaf_modules) + placement.traced.info.get("leaf_modules", ())
@@ -232,6 +236,15 @@ class PlacedModule(nn.Module):
         return out
 
     # -- execution ----------------------------------------------------------------------------
+    def _pair_streams(self, src: torch.device, dst: torch.device) -> tuple[Any, Any]:
+        """The copy streams of a (source, destination) GPU pair, on each side."""
+        pair = (src.index, dst.index)
+        streams = self._streams.get(pair)
+        if streams is None:
+            streams = (torch.cuda.Stream(device=src), torch.cuda.Stream(device=dst))
+            streams = self._streams.setdefault(pair, streams)
+        return streams
+
     def _copy(self, t: torch.Tensor, d: int, events: dict[int, Any], key: int) -> torch.Tensor:
         dst = self.devices[d]
         self.copies += 1
@@ -240,13 +253,15 @@ class PlacedModule(nn.Module):
             return t
         if dst.type != "cuda" or t.device.type != "cuda":
             return t.to(dst)
-        pair = (t.device.index, dst.index)
-        if pair not in self._streams:
-            self._streams[pair] = (
-                torch.cuda.Stream(device=t.device),
-                torch.cuda.Stream(device=dst),
-            )
-        s_src, s_dst = self._streams[pair]
+        if self.grad_copies == "deferred" and t.requires_grad and torch.is_grad_enabled():
+            link = _GradLink()
+            return _DeviceCopy.apply(_AwaitGrad.apply(t, link), self, dst, link, events, key)
+        return self._stream_copy(t, dst, events, key)
+
+    def _stream_copy(
+        self, t: torch.Tensor, dst: torch.device, events: dict[int, Any], key: int
+    ) -> torch.Tensor:
+        s_src, s_dst = self._pair_streams(t.device, dst)
         # Issued right after the producer: the copy waits for it (and the work launched before
         # it on its device), not for whatever that device runs later.
         s_src.wait_stream(torch.cuda.current_stream(t.device))
@@ -311,6 +326,74 @@ class PlacedModule(nn.Module):
                 lambda t: t.to(self.output_device) if isinstance(t, torch.Tensor) else t, result
             )
         return result
+
+
+class _GradLink:
+    """The gradient copy of one forward copy, from its backward to the producer's side."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event: Any = None
+
+
+class _AwaitGrad(torch.autograd.Function):
+    """Identity before a cross-device copy. Its backward runs on autograd's thread of the
+    producer's device, ranked like the producer's own backward: only there does that
+    device's stream wait for the gradient copy, so the wait joins the stream in that
+    thread's launch order instead of whenever the consumer's thread sent the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, link: _GradLink) -> torch.Tensor:
+        ctx.link = link
+        return t
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        event, ctx.link.event = ctx.link.event, None
+        if event is not None:
+            stream = torch.cuda.current_stream(g.device)
+            stream.wait_event(event)
+            g.record_stream(stream)  # allocated on the copy stream
+        return g, None
+
+
+class _DeviceCopy(torch.autograd.Function):
+    """A GPU-to-GPU copy on the pair's copy streams whose backward copies the gradient back
+    on the reverse pair's copy streams and records an event for :class:`_AwaitGrad`. The
+    autograd copy would instead make the producer device's stream wait at once (PyTorch's
+    cross-device copy is a barrier of both devices' current streams), stalling work launched
+    there later even if it does not need the gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        t: torch.Tensor,
+        owner: PlacedModule | None,
+        dst: torch.device,
+        link: _GradLink,
+        events: dict[int, Any],
+        key: int,
+    ) -> torch.Tensor:
+        ctx.owner, ctx.link, ctx.src = owner, link, t.device
+        if owner is None or t.device.type != "cuda" or dst.type != "cuda":
+            return t.to(dst, copy=True)
+        return owner._stream_copy(t, dst, events, key)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        owner, src = ctx.owner, ctx.src
+        if owner is None or g.device.type != "cuda" or src.type != "cuda":
+            return (g.to(src), None, None, None, None, None)
+        s_g, s_src = owner._pair_streams(g.device, src)
+        s_g.wait_stream(torch.cuda.current_stream(g.device))
+        with torch.cuda.stream(s_g), torch.cuda.stream(s_src):
+            out = g.to(src, non_blocking=True)
+        g.record_stream(s_g)
+        event = torch.cuda.Event()
+        event.record(s_src)  # the copy is a barrier of s_g and s_src: s_src has passed it
+        ctx.link.event = event
+        return (out, None, None, None, None, None)
 
 
 class _Record(NamedTuple):

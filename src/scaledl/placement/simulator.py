@@ -145,12 +145,19 @@ class HostModel:
     ``copies``: when the forward issues a copy: ``"producer"`` (right after its producer, as
     :class:`~scaledl.placement.executor.PlacedModule` does) or ``"first-use"`` (just before
     its first consumer, so it also waits for what its device launched in between; the
-    executor's behaviour before copies moved to their producer)."""
+    executor's behaviour before copies moved to their producer).
+
+    ``grad_copies``: how a gradient goes back to the producer's device: ``"deferred"`` (on copy
+    streams; the producer device's stream waits for it when that device's backward thread
+    reaches the producer, ``PlacedModule(grad_copies="deferred")``) or ``"barrier"``
+    (autograd's copy: it waits for, and then holds, the producer device's stream at the
+    moment the sending device's thread issues it)."""
 
     forward_s: float
     backward_s: float = 0.0
     copy_s: float | None = None
     copies: str = "producer"
+    grad_copies: str = "deferred"
 
     def __post_init__(self) -> None:
         costs = (self.forward_s, self.backward_s, self.copy_s or 0.0)
@@ -158,6 +165,10 @@ class HostModel:
             raise ValueError(f"host launch costs must be finite and >= 0, got {self}")
         if self.copies not in ("producer", "first-use"):
             raise ValueError(f"copies must be 'producer' or 'first-use', got {self.copies!r}")
+        if self.grad_copies not in ("deferred", "barrier"):
+            raise ValueError(
+                f"grad_copies must be 'deferred' or 'barrier', got {self.grad_copies!r}"
+            )
 
 
 def _forward_launch_order(graph: OpGraph, fwd: list[int], order: Sequence[str] | None) -> list:
@@ -197,7 +208,7 @@ class _ExecutorReplay:
         self.bwd = [k == "backward" for k in kinds]
         self.opt = [k == "optimizer" for k in kinds]
         self.fwd = [not (b or o) for b, o in zip(self.bwd, self.opt)]
-        #: (host time, kind, payload) per launch; kinds: run, fcopy, bcopy.
+        #: (host time, kind, payload) per launch; kinds: run, fcopy, bcopy, bwait.
         self.launches: list[tuple[float, str, Any]] = []
         self.launch_time = np.zeros(len(graph))
 
@@ -275,6 +286,10 @@ class _ExecutorReplay:
                 seq = self.copy_rank.get((u, d), tasks[index[b]][3] + 0.5)
                 tasks.append(("bcopy", (b, d, nbytes, grads), d, seq, self.copy_s))
                 deps.append([index[c] for c in grads])
+                if self.h.grad_copies == "deferred":  # the wait: a task of b's device thread
+                    tasks.append(("bwait", (b, d), int(devs[b]), seq - 0.25, self.copy_s))
+                    deps.append([k])
+                    k += 1
                 deps[index[b]].append(k)
         users: list[list[int]] = [[] for _ in tasks]
         left = [len(x) for x in deps]
@@ -323,7 +338,8 @@ class _ExecutorReplay:
         start, end = np.zeros(n), np.zeros(n)
         stream = [0.0] * len(c)  # each device's compute stream
         chan: dict[tuple[int, int], float] = {}  # the copy streams of a device pair
-        arrival: dict[tuple[int, int], float] = {}
+        arrival: dict[tuple[int, int], float] = {}  # forward copies (producer, device)
+        garrival: dict[tuple[int, int], float] = {}  # gradient copies (backward node, device)
         first_user: dict[tuple[int, int], int] = {}
         transfers: list[Transfer] = []
         launches = sorted(enumerate(self.launches), key=lambda x: (x[1][0], x[0]))
@@ -341,24 +357,33 @@ class _ExecutorReplay:
                 start[v], end[v] = r, r + g.compute[v]
                 stream[d] = end[v]
                 continue
+            if kind == "bwait":  # the producer device's stream waits for its gradient copy
+                b, src = x
+                d = int(devs[b])
+                stream[d] = max(stream[d], garrival[(b, src)])
+                continue
+            deferred = self.h.grad_copies == "deferred"
             if kind == "fcopy":  # waits for its producer's stream, then its copy stream
                 v, dst, nbytes = x
                 src, grads = int(devs[v]), ()
                 wait = stream[src]
-            else:  # the backward of a forward copy: after the gradients, a two-way barrier
+            else:  # a gradient: after it is computed (and the barrier's other side)
                 b, src, nbytes, grads = x
                 v, dst = b, int(devs[b])
-                wait = max([end[u] for u in grads] + [stream[dst]])
-            # The copy streams of the forward pair: a gradient goes back on the pair's stream.
-            key = (src, dst) if kind == "fcopy" else (dst, src)
+                wait = max([end[u] for u in grads] + ([] if deferred else [stream[dst]]))
+            # Copy streams per (source, destination) pair; autograd's copy of a gradient runs
+            # on the stream of the forward copy it reverses.
+            key = (dst, src) if kind == "bcopy" and not deferred else (src, dst)
             s = max(t, wait, chan.get(key, 0.0))
             e = s + c.latency[src][dst] + nbytes * c.per_byte[src][dst]
             chan[key] = e
             if kind == "fcopy":
                 arrival[(v, dst)] = e
                 transfers.append(Transfer(v, v, src, dst, nbytes, s, e))
-            else:  # the receiving device's stream waits for the copy
-                stream[dst] = max(stream[dst], e)
+            else:
+                garrival[(b, src)] = e
+                if not deferred:  # the receiving device's stream waits for the copy now
+                    stream[dst] = max(stream[dst], e)
                 transfers.append(Transfer(grads[0], b, src, dst, nbytes, s, e))
         for tr in transfers:  # name the first consumer of each forward copy
             if tr.producer == tr.consumer and (tr.producer, tr.dst) in first_user:
