@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from scaledl.comm import (
+    CastCompressor,
+    DitheringCompressor,
     ErrorFeedback,
     OneBitCompressor,
     RandomKCompressor,
@@ -95,3 +97,44 @@ def test_state_dict_round_trip_and_mode_check():
         ErrorFeedback("always")
     with pytest.raises(ValueError, match="equal shards"):
         compress_shards(OneBitCompressor(), ef, torch.randn(9), [0, 1])
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "lr_corrected"])
+@pytest.mark.parametrize(
+    "comp",
+    [
+        OneBitCompressor(),
+        OneBitCompressor("l2_sqrt_d"),
+        TopKCompressor(0.05),
+        RandomKCompressor(0.2),
+        RandomKCompressor(0.2, rescale=True),
+        DitheringCompressor(levels=7),
+        CastCompressor("bf16"),
+    ],
+    ids=repr,
+)
+def test_in_place_residual_path_equals_decode_and_subtract(comp, mode):
+    """The hooks' path (return_decoded=False) keeps the same error, bit for bit."""
+    torch.manual_seed(3)
+    slow, fast = ErrorFeedback(mode), ErrorFeedback(mode)
+    for t in range(6):
+        x = torch.randn(3 * 64)
+        x[::17] = 0.0  # zeros: a sign cannot encode them, the residual must still match
+        lr = 0.1 / (t + 1)
+        p_slow, _ = compress_shards(comp, slow, x, [t, t + 1, t + 2], lr)
+        own = x.clone()
+        p_fast, decoded = compress_shards(
+            comp, fast, own, [t, t + 1, t + 2], lr, inplace=True, return_decoded=False
+        )
+        assert decoded is None
+        assert torch.equal(p_fast, p_slow)
+        assert torch.equal(fast.error, slow.error)
+        assert fast.error.data_ptr() == own.data_ptr()  # the caller's buffer, no copy
+
+
+def test_in_place_residual_without_error_feedback_keeps_no_state():
+    ef = ErrorFeedback("none")
+    payload, decoded = compress_shards(
+        TopKCompressor(2), ef, torch.randn(8), [0], return_decoded=False
+    )
+    assert decoded is None and ef.error is None and payload.numel() == 16

@@ -63,6 +63,17 @@ class Compressor(abc.ABC):
             return torch.empty(0, numel, dtype=torch.float32, device=payloads.device)
         return torch.stack(rows)
 
+    def residual_batch_(
+        self, p: torch.Tensor, payloads: torch.Tensor, keys: Sequence[int]
+    ) -> torch.Tensor:
+        """Overwrite the rows of ``p`` with ``p - D(C(p))`` (what error feedback keeps).
+
+        ``payloads`` is ``compress_batch(p, keys)``. Subclasses that know the decoded values
+        without decoding (exact values at sent indices, a scaled sign) override this to skip
+        the dense decode.
+        """
+        return p.sub_(self.decompress_batch(payloads, p.shape[1], keys))
+
     def roundtrip(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
         """``decompress(compress(x))``: what the receiver sees (the error-feedback reference)."""
         return self.decompress(self.compress(x, key), x.numel(), key)

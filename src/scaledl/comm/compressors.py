@@ -166,7 +166,6 @@ _SHIFTS = (7, 6, 5, 4, 3, 2, 1, 0)
 # Multiplying 8 little-endian 0/1 bytes (one int64) by this constant gathers them, most
 # significant first, into the top byte: one multiply packs 8 elements.
 _PACK_MAGIC = 0x8040201008040201 - (1 << 64)
-_SIGN_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def _pack_rows(bits: torch.Tensor) -> torch.Tensor:
@@ -189,20 +188,31 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return _pack_rows(bits.reshape(1, -1)).reshape(-1)
 
 
+# Byte lane i of an int64 (little-endian) keeps bit 7 - i of the byte copied into every lane:
+# lane order is element order, most significant bit first, as in _pack_rows.
+_SPREAD = 0x0101010101010101
+_LANE_BIT = 0x0102040810204080
+_LOW7 = 0x7F7F7F7F7F7F7F7F
+_HIGH = 0x8080808080808080 - (1 << 64)
+
+
+def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    """(rows, nb) packed bytes -> (rows, 8 nb) uint8 lanes, 0x80 where the bit is set.
+
+    Integer multiply/and/add on int64 words (8 elements each), so that unpacking is a few
+    element-wise passes rather than a gather.
+    """
+    w = packed.to(torch.int64)
+    w *= _SPREAD  # the byte in all 8 lanes (products stay below 2**64: no carries)
+    w &= _LANE_BIT
+    w += _LOW7  # a non-zero lane (at most 0x80) reaches 0x80..0xFF: no carry into the next
+    w &= _HIGH
+    return w.view(torch.uint8)
+
+
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a ``uint8`` tensor of ``n`` zeros and ones."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n]
-
-
-def _sign_table(device: torch.device) -> torch.Tensor:
-    """(256, 8) fp32: row b holds +1/-1 for the 8 bits of byte b (bit set = negative)."""
-    table = _SIGN_TABLES.get(device)
-    if table is None:
-        codes = torch.arange(256, dtype=torch.uint8, device=device)
-        table = 1.0 - 2.0 * unpack_bits(codes, 2048).view(256, 8).to(torch.float32)
-        _SIGN_TABLES[device] = table
-    return table
+    return (_unpack_rows(packed.reshape(1, -1)) >> 7).reshape(-1)[:n]
 
 
 class OneBitCompressor(_BatchedCompressor):
@@ -245,15 +255,16 @@ class OneBitCompressor(_BatchedCompressor):
         self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
     ) -> torch.Tensor:
         payloads = _check_batch(self, payloads, numel, keys)
-        rows, nb = payloads.shape[0], payloads.shape[1] - 4
         scale = _view_as(payloads[:, :4], torch.float32)  # (rows, 1)
-        # One gather from a per-row scaled sign table writes the output in a single pass:
-        # row r's bytes index table rows 256*r .. 256*r + 255.
-        table = (scale.view(rows, 1, 1) * _sign_table(payloads.device)).view(rows * 256, 8)
-        codes = payloads[:, 4:].to(torch.int32)
-        codes += 256 * torch.arange(rows, dtype=torch.int32, device=codes.device).view(rows, 1)
-        out = torch.nn.functional.embedding(codes, table).view(rows, 8 * nb)
-        return out[:, :numel]
+        negative = _unpack_rows(payloads[:, 4:]).view(torch.int8) < 0
+        return torch.where(negative[:, :numel], -scale, scale)
+
+    def residual_batch_(
+        self, p: torch.Tensor, payloads: torch.Tensor, keys: Sequence[int]
+    ) -> torch.Tensor:
+        # D(C(p)) is -scale where p < 0 and +scale elsewhere: no need to unpack the bits.
+        scale = _view_as(payloads[:, :4], torch.float32)
+        return p.sub_(torch.where(p < 0, -scale, scale))
 
     def __repr__(self) -> str:
         return f"OneBitCompressor(scale={self.scale!r})"
@@ -303,6 +314,13 @@ class TopKCompressor(_BatchedCompressor):
         k = self.k(numel)
         idx = _view_as(payloads[:, : 4 * k], torch.int32).to(torch.int64)
         return _scatter_rows(idx, _view_as(payloads[:, 4 * k :], torch.float32), numel)
+
+    def residual_batch_(
+        self, p: torch.Tensor, payloads: torch.Tensor, keys: Sequence[int]
+    ) -> torch.Tensor:
+        # The k values are sent exactly: the residual is p with those positions zeroed.
+        k = self.k(p.shape[1])
+        return p.scatter_(1, _view_as(payloads[:, : 4 * k], torch.int32).to(torch.int64), 0.0)
 
     def __repr__(self) -> str:
         return f"TopKCompressor(ratio={self.keep!r})"
@@ -375,6 +393,13 @@ class RandomKCompressor(_BatchedCompressor):
         # Repeated indices: unscaled draws carry equal values (set once); scaled draws are
         # separate unbiased estimates and must be summed.
         return _scatter_rows(idx, vals, numel, add=self.rescale)
+
+    def residual_batch_(
+        self, p: torch.Tensor, payloads: torch.Tensor, keys: Sequence[int]
+    ) -> torch.Tensor:
+        if self.rescale:  # scaled draws differ from p: decode
+            return super().residual_batch_(p, payloads, keys)
+        return p.scatter_(1, self.indices_batch(p.shape[1], keys, p.device), 0.0)
 
     def __repr__(self) -> str:
         return f"RandomKCompressor(ratio={self.keep!r}, rescale={self.rescale})"

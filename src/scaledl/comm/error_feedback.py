@@ -137,14 +137,18 @@ def compress_shards(
     keys: Sequence[int],
     lr: float | None = None,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_decoded: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Error-corrected compression of ``x`` split into ``len(keys)`` equal shards.
 
     ``x.numel()`` must be divisible by the number of shards. Returns the concatenated payloads
     (each ``payload_bytes(shard)`` long, shard ``j`` compressed with ``keys[j]``) and the
     decoded tensor ``D(C(p))`` that every receiver will see. All shards go through one
     batched compress and decode call. ``inplace=True`` lets the error correction overwrite
-    ``x`` (an fp32 buffer the caller owns) instead of copying it.
+    ``x`` (an fp32 buffer the caller owns) instead of copying it. With
+    ``return_decoded=False`` the decoded tensor is not built (``None`` is returned): the new
+    error is computed in place by :meth:`Compressor.residual_batch_`, which for top-k,
+    random-k and 1-bit skips the dense decode, and the buffer becomes the error buffer.
     """
     n = len(keys)
     if n == 0 or x.numel() % n:
@@ -155,6 +159,13 @@ def compress_shards(
     shards = p.view(n, -1)
     length = shards.shape[1]
     payloads = compressor.compress_batch(shards, keys)
+    if not return_decoded:
+        if ef.enabled:
+            # prepare() returned a buffer this function owns (x itself only when the caller
+            # allowed it): it becomes the error buffer, no copy.
+            compressor.residual_batch_(shards, payloads, keys)
+            ef.error = p
+        return payloads.view(-1), None
     if ef.mode == "sparse":
         assert isinstance(compressor, RandomKCompressor)
         idx = compressor.indices_batch(length, keys, p.device)

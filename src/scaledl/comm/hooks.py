@@ -372,7 +372,9 @@ def _two_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int,
     keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
     lr = state.current_lr()
     t0 = time.perf_counter()
-    send, _ = compress_shards(state.compressor, bs.worker, g, keys, lr, inplace=True)
+    send, _ = compress_shards(
+        state.compressor, bs.worker, g, keys, lr, inplace=True, return_decoded=False
+    )
     _zero_padding(bs.worker.error, numel)
     t0 = state._tick("compress", t0, g.device)
     recv = _all_to_all(state, send, n)
@@ -383,7 +385,7 @@ def _two_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int,
     valid = min(max(numel - rank * length, 0), length)
     s[valid:] = 0.0
     server_payload, _ = compress_shards(
-        state.server_compressor, bs.server, s, [keys[rank]], lr, inplace=True
+        state.server_compressor, bs.server, s, [keys[rank]], lr, inplace=True, return_decoded=False
     )
     t0 = state._tick("compress", t0, g.device)
     allc = _all_gather(state, server_payload, n)
@@ -398,7 +400,13 @@ def _one_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int,
     key = derive_key(state.seed, it, bi, 0)
     t0 = time.perf_counter()
     payload, _ = compress_shards(
-        state.compressor, bs.worker, g, [key], state.current_lr(), inplace=True
+        state.compressor,
+        bs.worker,
+        g,
+        [key],
+        state.current_lr(),
+        inplace=True,
+        return_decoded=False,
     )
     t0 = state._tick("compress", t0, g.device)
     allp = _all_gather(state, payload, n)
@@ -417,7 +425,7 @@ def _allreduce(
     length = g.numel() // n
     t0 = time.perf_counter()
     payload, _ = compress_shards(
-        state.compressor, bs.worker, g, keys, state.current_lr(), inplace=True
+        state.compressor, bs.worker, g, keys, state.current_lr(), inplace=True, return_decoded=False
     )
     _zero_padding(bs.worker.error, bs.numel)
     t0 = state._tick("compress", t0, g.device)
