@@ -111,6 +111,24 @@ def test_bad_placements_are_rejected() -> None:
         PlacedModule(model, {**mapping, "inp": -1}, ["cpu"])
 
 
+def test_inputs_reach_their_placeholders_in_any_launch_order() -> None:
+    torch.manual_seed(3)
+    model = Seq2SeqTransformer(vocab=50, d=16, heads=2, ff=32, layers=1)
+    inputs = (torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 5)))
+    ref = model(*inputs)
+    names = [n.name for n in symbolic_trace(model).graph.nodes if n.op != "output"]
+    assert names[:2] == ["src", "tgt"]
+    mapping = {n: i % 2 for i, n in enumerate(names)}
+    order = ["tgt", *names[2:], "src"]  # the second input launches first
+    pm = PlacedModule(copy.deepcopy(model), mapping, ["cpu", "cpu"], order=order)
+    assert pm.order[0].name == "tgt"
+    torch.testing.assert_close(pm(*inputs), ref)
+    with pytest.raises(ValueError, match="missing input 'tgt'"):
+        pm(inputs[0])
+    with pytest.raises(ValueError, match="takes 2 inputs, got 3"):
+        pm(*inputs, inputs[0])
+
+
 def test_deferred_gradient_copy_is_an_exact_differentiable_copy() -> None:
     """The copy pair used between GPUs: forward copies, backward returns the gradient, and
     the copy is a tensor of its own (in-place use downstream is allowed)."""

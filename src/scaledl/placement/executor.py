@@ -191,6 +191,10 @@ class PlacedModule(nn.Module):
 
         waited: set[tuple[str, int]] = set()
         records: list[_Record] = []
+        # The launch order may put the inputs in any order: map each to its argument.
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        inputs_pos = {n.name: i for i, n in enumerate(placeholders)}
+        self._inputs = [(n.name, n.args[0] if n.args else _MISSING) for n in placeholders]
         for node in self.order:
             d = dev[node.name]
             # The copies this node is the first (in launch order) to read on d: its stream waits
@@ -202,8 +206,10 @@ class PlacedModule(nn.Module):
                     waits.append(slot[(a.name, d)])
             out = slot[(node.name, d)]
             copies = tuple((c, slot[(node.name, c)]) for c in sorted(dests.get(node.name, ())))
-            if node.op == "placeholder":
-                records.append(_Record(_PLACEHOLDER, None, _NO_ARGS, None, d, out, copies, ()))
+            if node.op == "placeholder":  # fn: its position among the forward's arguments
+                records.append(
+                    _Record(_PLACEHOLDER, inputs_pos[node.name], _NO_ARGS, None, d, out, copies, ())
+                )
                 continue
             args = _args_getter([compile_arg(a, d) for a in node.args])
             kwargs = None
@@ -236,6 +242,14 @@ class PlacedModule(nn.Module):
         return out
 
     # -- execution ----------------------------------------------------------------------------
+    def _input(self, inputs: tuple, i: int) -> Any:
+        if i < len(inputs):
+            return inputs[i]
+        name, default = self._inputs[i]
+        if default is _MISSING:
+            raise ValueError(f"missing input {name!r} (argument {i} of forward)")
+        return default
+
     def _pair_streams(self, src: torch.device, dst: torch.device) -> tuple[Any, Any]:
         """The copy streams of a (source, destination) GPU pair, on each side."""
         pair = (src.index, dst.index)
@@ -280,7 +294,8 @@ class PlacedModule(nn.Module):
         vals = list(self._template)
         events: dict[int, list] = {}
         self.copies = self.copy_bytes = 0
-        placeholders = iter(inputs)
+        if len(inputs) > len(self._inputs):
+            raise ValueError(f"forward takes {len(self._inputs)} inputs, got {len(inputs)}")
         cuda_index = self._cuda_index
         restore = torch.cuda.current_device() if any(i is not None for i in cuda_index) else None
         current = restore
@@ -304,7 +319,7 @@ class PlacedModule(nn.Module):
                     dst = self.devices[d]
                     out = tree_map(
                         lambda t, dst=dst: t.to(dst) if isinstance(t, torch.Tensor) else t,
-                        next(placeholders),
+                        self._input(inputs, fn),
                     )
                 vals[out_slot] = out
                 for c, s in copies:
@@ -409,7 +424,7 @@ class _Record(NamedTuple):
     waits: tuple[int, ...]
 
 
-_CALL, _METHOD, _ATTR, _PLACEHOLDER = object(), object(), object(), object()
+_CALL, _METHOD, _ATTR, _PLACEHOLDER, _MISSING = object(), object(), object(), object(), object()
 
 
 def _NO_ARGS(vals: list) -> tuple:
