@@ -466,23 +466,36 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
             if cand.get("uncapped")
             else runtime_caps(traced.specs, cand["fx"], cap, headroom, 2, output)
         )
-        meas = measure_step(
-            model,
-            cand["fx"],
-            devices,
-            inputs,
-            args.steps,
-            args.warmup,
-            leaves,
-            order,
-            cap_bytes=caps,
-            grad_copies=grad_copies,
-        )
+        used = grad_copies
+        for mode in dict.fromkeys([grad_copies, "autograd"]):
+            used = mode
+            meas = measure_step(
+                model,
+                cand["fx"],
+                devices,
+                inputs,
+                args.steps,
+                args.warmup,
+                leaves,
+                order,
+                cap_bytes=caps,
+                grad_copies=mode,
+            )
+            # An error other than running out of memory under deferred gradient copies: retry
+            # with autograd's copies (and replay those) rather than lose the configuration.
+            if meas["step_s"] is not None or meas.get("error_kind") == "OOM":
+                break
+        if used != grad_copies:
+            replay = dataclasses.replace(host, grad_copies="barrier")
+            sim_host = simulate(
+                graph, gp, cluster, contention=args.contention, host=replay, order=order
+            )
         fid = {c: _rel_err(s.makespan, meas["step_s"]) for c, s in sims.items()}
         fid_host = _rel_err(sim_host.makespan, meas["step_s"])
         rec.update(
             devices_used=sorted(set(cand["fx"].values())),
             launch_order="plan" if cand.get("order") else "simulated",
+            grad_copies=used,
             placement_s=cand.get("placement_s"),
             estimated_peak_gib=est_peak / GIB,
             fits_cap=est_peak <= cap,
