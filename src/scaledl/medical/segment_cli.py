@@ -101,6 +101,7 @@ def _train(args: argparse.Namespace) -> None:
         attention=args.attention,
         fusion=args.fusion,
         share_weights=args.share_weights,
+        label_prior=not args.no_label_prior,
     )
     cfg = TrainConfig(iterations=args.iters, batch_size=args.batch, lr=args.lr, seed=args.seed)
     losses = train_segmenter(
@@ -234,6 +235,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--attention", default="prototype", choices=["prototype", "dense", "max"])
     t.add_argument("--fusion", default="gate", choices=["concat", "gate", "both"])
     t.add_argument("--share-weights", action="store_true", help="share encoder stages 2-5")
+    t.add_argument(
+        "--no-label-prior",
+        action="store_true",
+        help="skip attention only, no template-label prior at the output (less robust)",
+    )
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="robustness table: clean vs each corruption")

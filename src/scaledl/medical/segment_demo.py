@@ -53,6 +53,11 @@ def _run(torch) -> DemoResult:
             res = evaluate(model, SegmentationData(images, test.labels), bank, mode, k=3)
             figures[f"dice_{cond}_{mode}"] = round(res["dice_mean"], 1)
             figures[f"hd95_{cond}_{mode}"] = round(res["hd95_mean"], 1)
+    # the prior must matter: a blank template (no anatomy to transfer) has to break the output,
+    # which a decoder that ignores its template would not notice
+    blank = SegmentationData(np.zeros_like(test.images[:1]), np.zeros_like(test.labels[:1]))
+    res = evaluate(model, SegmentationData(test.images, test.labels), TemplateBank(blank), "fixed")
+    figures["dice_clean_blank_template"] = round(res["dice_mean"], 1)
     loss_drop = float(np.mean(losses[:5]) - np.mean(losses[-5:]))
     figures["loss_first_5"] = round(float(np.mean(losses[:5])), 3)
     figures["loss_last_5"] = round(float(np.mean(losses[-5:])), 3)
@@ -61,8 +66,8 @@ def _run(torch) -> DemoResult:
         f"ShapePriorNet, {ITERS} iterations on {N_TRAIN} synthetic CXRs: mean Dice "
         f"clean {clean}%, occlusion-3 {figures['dice_occlusion-3_ensemble']}%, noise-3 "
         f"{figures['dice_noise-3_ensemble']}% (ensemble of 3 templates; fixed medoid "
-        f"{figures['dice_clean_fixed']}%)"
+        f"{figures['dice_clean_fixed']}%; blank template {figures['dice_clean_blank_template']}%)"
     )
-    # the check: training works and the template-conditioned model segments the anatomy
-    ok = loss_drop > 0 and float(clean) >= 50.0
+    # the check: training works, the model segments the anatomy and relies on its template
+    ok = loss_drop > 0 and float(clean) >= 50.0 and figures["dice_clean_blank_template"] < 50.0
     return DemoResult(headline=headline, figures=figures, ok=ok)
