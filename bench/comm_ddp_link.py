@@ -12,7 +12,8 @@ unshaped and the results say so.
 Side by side in one run: no communication (compute only), DDP fp32, torch's fp16 hook,
 torch's PowerSGD hook (ranks 1 and 4), and scaledl's hook with each compressor. Reported per
 configuration and rate: step time and throughput, steps and time to a target loss (the loss
-fp32 DDP reaches half-way through the loss-curve run, averaged over 5 steps), bytes per rank
+fp32 DDP reaches at ``--target-step``, by default half-way through the loss-curve run,
+averaged over 5 steps), bytes per rank
 and step (algorithmic, and measured from the ``lo`` byte counters in /proc/net/dev).
 
 The task: a fixed random linear teacher labels Gaussian inputs (argmax over the classes);
@@ -166,6 +167,7 @@ def _run_config(
     device: torch.device,
     shape_cmds: tuple[list[str], list[str]] | None = None,
     phase_steps: int = 0,
+    profile: bool = False,
 ) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -264,7 +266,38 @@ def _run_config(
         total = (time.perf_counter() - t0) / phase_steps
         out["phase_s_per_step"] = {k: v / phase_steps for k, v in state.phase_seconds.items()}
         out["phase_s_per_step"]["step_total"] = total
+        if profile:  # every rank runs the steps (collectives); rank 0 records them
+            state.time_phases = False
+            table = _profile_steps(one_step, device, record=rank == 0)
+            if rank == 0:
+                out["profile"] = table
     return out
+
+
+def _profile_steps(one_step: Any, device: torch.device, steps: int = 2, record: bool = True) -> str:
+    """torch.profiler table of ``steps`` steps, sorted by device (CPU: host) self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not record:
+        for step in range(steps):
+            one_step(step)
+        return ""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for step in range(steps):
+            one_step(step)
+        if cuda:
+            torch.cuda.synchronize(device)
+    table = prof.key_averages()
+    for sort in (("self_device_time_total", "self_cuda_time_total") if cuda else ()) + (
+        "self_cpu_time_total",
+    ):
+        try:  # the device sort key was renamed across torch versions
+            return table.table(sort_by=sort, row_limit=18, max_name_column_width=60)
+        except Exception:
+            continue
+    return ""
 
 
 def _rank_job(
@@ -274,6 +307,7 @@ def _rank_job(
     steps: int,
     max_seconds: float,
     shape_cmds: tuple[list[str], list[str]] | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -286,7 +320,16 @@ def _rank_job(
         phase_steps = 3 if shape_cmds is None else 0
         try:
             out[label] = _run_config(
-                kind, opts, shape, lr, steps, max_seconds, device, shape_cmds, phase_steps
+                kind,
+                opts,
+                shape,
+                lr,
+                steps,
+                max_seconds,
+                device,
+                shape_cmds,
+                phase_steps,
+                profile and shape_cmds is None,
             )
         except Exception as exc:  # e.g. out of memory: keep the other configurations
             if shape_cmds is not None and dist.get_rank() == 0:
@@ -307,13 +350,13 @@ def _steps_to_target(losses: list[float], target: float, window: int = 5) -> int
     return None
 
 
-def _target_loss(reference: list[float], window: int = 5) -> float:
-    """fp32 DDP's mean loss over ``window`` steps ending at the middle of its curve.
+def _target_loss(reference: list[float], end: int | None = None, window: int = 5) -> float:
+    """fp32 DDP's mean loss over ``window`` steps ending at step ``end`` (default: half-way).
 
-    fp32 DDP reaches it half-way, so the other configurations have the second half of the
-    curve to reach it too (the final fp32 loss is near zero on this memorisable task).
+    fp32 DDP reaches it at ``end``, so the other configurations have the rest of the curve to
+    reach it too (the final fp32 loss is near zero on this memorisable task).
     """
-    mid = max(window, len(reference) // 2)
+    mid = max(window, min(len(reference), end or len(reference) // 2))
     return sum(reference[mid - window : mid]) / window
 
 
@@ -336,6 +379,10 @@ def main() -> None:
     ap.add_argument("--tc", default=None, help="path of the tc binary (default: from PATH)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per shaped run (20)")
     ap.add_argument("--curve-steps", type=int, default=None, help="loss-curve steps (40)")
+    ap.add_argument(
+        "--target-step", type=int, default=None, help="target = fp32 loss there (half-way)"
+    )
+    ap.add_argument("--profile", action="store_true", help="kernel tables of our hook (CUDA)")
     ap.add_argument("--max-config-seconds", type=float, default=None, help="cap per config (15)")
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
@@ -387,6 +434,7 @@ def main() -> None:
             steps_,
             max_s_,
             cmds,
+            args.profile,
             backend=backend,
             env=env,
             timeout_s=900,
@@ -413,7 +461,8 @@ def main() -> None:
     if "error" in curve["DDP fp32"]:
         raise RuntimeError(f"the fp32 DDP reference failed: {curve['DDP fp32']['error']}")
     ref = curve["DDP fp32"]["losses"]
-    target = _target_loss(ref)
+    target = _target_loss(ref, args.target_step)
+    target_step = min(len(ref), args.target_step or len(ref) // 2)
     rows, records = [], []
     for link, res in results.items():
         dense_step = res["DDP fp32"].get("median_step_s")  # None if the reference failed
@@ -466,7 +515,7 @@ def main() -> None:
     transport = _transport_check(log_dir) if use_gpu else "gloo over loopback TCP"
     print_table(
         f"2-rank DDP, {params / 1e6:.1f}M-parameter MLP on {device} ({backend}; {transport}); "
-        f"target loss {target:.4f} (fp32 DDP half-way through {curve_steps} steps)",
+        f"target loss {target:.4f} (fp32 DDP at step {target_step} of {curve_steps})",
         [
             "link",
             "config",
@@ -497,6 +546,9 @@ def main() -> None:
             ["config", "step ms", "compress+decode ms", "communicate ms", "compress share"],
             phase_rows,
         )
+    for label, rec in curve.items():
+        if rec.get("profile"):
+            print(f"\nprofile of 2 steps, rank 0, unshaped: {label}\n{rec['profile']}")
     path = save_results(
         "comm_ddp_link",
         {
@@ -512,6 +564,7 @@ def main() -> None:
             "params": params,
             "target_loss": target,
             "curve_steps": curve_steps,
+            "target_step": target_step,
             "wall_s": time.perf_counter() - t_start,
             "results": records,
         },
