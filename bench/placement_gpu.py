@@ -223,6 +223,7 @@ def run_configuration(
         for _ in range(warmup):
             step()
         times, host_f, host_b = [], [], []
+        stats0 = allocator_counters(devices)
         for _ in range(steps):
             _sync(devices)
             t0 = time.perf_counter()
@@ -237,6 +238,7 @@ def run_configuration(
             host_f.append(t1 - t0)
             host_b.append(t2 - t1)
         times.sort()
+        churn = allocator_churn(stats0, allocator_counters(devices), steps)
         peak = [torch.cuda.max_memory_allocated(d) / GIB for d in cuda_devices(devices)]
         return {
             "step_s": times[len(times) // 2],
@@ -248,6 +250,11 @@ def run_configuration(
             "host_backward_s": sorted(host_b)[len(host_b) // 2],
             "launches_per_forward": len(pm.launch_sequence()),
             "copies_per_forward": pm.copies,
+            "copy_mib_per_forward": pm.copy_bytes / 2**20,
+            "peak_reserved_gib": [
+                torch.cuda.max_memory_reserved(d) / GIB for d in cuda_devices(devices)
+            ],
+            **churn,
             "error": None,
         }
     except Exception as exc:  # one failing placement must not end the whole comparison
@@ -287,6 +294,28 @@ def measure_step(
     meas["runtime_limit_gib"] = [x / GIB for x in limits]
     meas["leaked_gib"] = [(a - b) / GIB for a, b in zip(after, before)]
     return meas
+
+
+ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_sync_all_streams")
+
+
+def allocator_counters(devices) -> list[dict[str, int]]:
+    """The caching allocator's event counters per CUDA device (empty on CPU)."""
+    out = []
+    for d in cuda_devices(devices):
+        stats = torch.cuda.memory_stats(d)
+        out.append({k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTERS})
+    return out
+
+
+def allocator_churn(before, after, steps: int) -> dict[str, list[float]]:
+    """Allocator events per measured step and device. A retry (the allocator hit the runtime
+    cap, freed its cache and synchronised the device) or a ``cudaMalloc`` in steady state
+    stalls the host and serialises the two GPUs: a cost the simulator does not model."""
+    return {
+        f"{k}_per_step": [(a[k] - b[k]) / max(steps, 1) for b, a in zip(before, after)]
+        for k in ALLOCATOR_COUNTERS
+    }
 
 
 def _sync(devices) -> None:
@@ -670,6 +699,23 @@ def main() -> None:
             "place s",
         ],
         all_rows,
+    )
+    print_table(
+        "Copies and allocator events per step (GPU; a retry or cudaMalloc stalls the host)",
+        ["model", "placement", "copies", "copy MiB", "peak reserved GiB", "retries", "mallocs"],
+        [
+            [
+                info["model"],
+                r["placement"],
+                r.get("copies_per_forward", "-"),
+                f"{r['copy_mib_per_forward']:.0f}" if "copy_mib_per_forward" in r else "-",
+                "/".join(f"{x:.1f}" for x in r.get("peak_reserved_gib", [])) or "-",
+                "/".join(f"{x:g}" for x in r.get("num_alloc_retries_per_step", [])) or "-",
+                "/".join(f"{x:g}" for x in r.get("num_device_alloc_per_step", [])) or "-",
+            ]
+            for info in infos
+            for r in info["records"]
+        ],
     )
     for info in infos:  # the full text of each failure (the table shows its kind only)
         for r in info["records"]:

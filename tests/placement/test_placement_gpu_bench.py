@@ -139,3 +139,24 @@ def test_caps_are_stated_on_allocated_bytes_and_lifted(bench, monkeypatch) -> No
     calls.clear()
     assert bench.set_caps(devices, None) == [total, total]
     assert calls == [(1.0, "cuda:0"), (1.0, "cuda:1")]
+
+
+def test_allocator_churn_is_per_step_and_device_and_absent_on_cpu(bench, monkeypatch) -> None:
+    """Allocator retries and cudaMallocs during the timed steps are reported per step and GPU
+    (they stall the host, which the simulator does not model); CPU runs report none."""
+    assert bench.allocator_counters([torch.device("cpu")] * 2) == []
+    stats = {
+        "cuda:0": {"num_alloc_retries": 4, "num_device_alloc": 10},
+        "cuda:1": {"num_alloc_retries": 0, "num_device_alloc": 3, "num_sync_all_streams": 2},
+    }
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda d: stats[str(d)])
+    devices = [torch.device("cuda", 1), torch.device("cuda", 0)]
+    before = bench.allocator_counters(devices)
+    assert before[0] == {"num_alloc_retries": 4, "num_device_alloc": 10, "num_sync_all_streams": 0}
+    stats["cuda:0"] = {"num_alloc_retries": 8, "num_device_alloc": 30}
+    churn = bench.allocator_churn(before, bench.allocator_counters(devices), steps=4)
+    assert churn == {
+        "num_alloc_retries_per_step": [1.0, 0.0],
+        "num_device_alloc_per_step": [5.0, 0.0],
+        "num_sync_all_streams_per_step": [0.0, 0.0],
+    }
