@@ -14,6 +14,7 @@ from scaledl.medical.segmentation_data import SegmentationData, make_synthetic_c
 from scaledl.medical.segmentation_train import (
     TemplateBank,
     TrainConfig,
+    evaluate,
     load_segmenter,
     mask_dice_matrix,
     medoid_index,
@@ -111,6 +112,10 @@ def test_short_training_lowers_the_loss(data):
     losses = train_segmenter(net, data, TrainConfig(iterations=40, batch_size=4, lr=5e-3))
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-8:]) < 0.85 * np.mean(losses[:8])
+    # the trained model relies on its template: a blank one (nothing to transfer) breaks it
+    blank = SegmentationData(np.zeros_like(data.images[:1]), np.zeros_like(data.labels[:1]))
+    real = evaluate(net, data, TemplateBank(data), "fixed")["dice_mean"]
+    assert real > evaluate(net, data, TemplateBank(blank), "fixed")["dice_mean"] + 20
 
 
 def test_prior_loss_adds_the_label_prior_dice_ce(data):
