@@ -187,8 +187,8 @@ def train_retinanet(det, ds, x_all, *, steps, batch, lr, seed, device, time_limi
         loss.backward()
         torch.nn.utils.clip_grad_norm_(det.parameters(), 10.0)
         opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+        losses.append(loss.detach())  # no per-step sync, as in train_recist
+    return torch.stack(losses).tolist() if losses else []
 
 
 @torch.no_grad()
@@ -301,6 +301,12 @@ def render(json_path: str, figure: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def loss_curve(losses: list[float], points: int = 20) -> list[float]:
+    """Mean loss over ``points`` equal blocks of steps: is training still improving?"""
+    blocks = np.array_split(np.asarray(losses, float), min(points, max(1, len(losses))))
+    return [float(b.mean()) for b in blocks if len(b)]
+
+
 def _timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -323,6 +329,13 @@ def main() -> None:
         default="intersection",
         choices=["intersection", "bbox", "mean"],
         help="RECIST-Net centre definition (ablation)",
+    )
+    ap.add_argument(
+        "--offset-radius",
+        type=int,
+        default=1,
+        help="RECIST-Net offsets trained within this many cells of each peak and decoded by "
+        "a vote over them (0: peak-only offsets, the ablation)",
     )
     ap.add_argument("--workers", type=int, default=None, help="data generation processes")
     ap.add_argument("--seed", type=int, default=0)
@@ -366,8 +379,11 @@ def main() -> None:
 
     results: dict[str, dict] = {"config": cfg, "device": str(device)}
     # --- RECIST-Net
-    model = RECISTNet(width=cfg["width"], stride=cfg["stride"], center_mode=args.center_mode)
-    cfg["center_mode"] = args.center_mode
+    model = RECISTNet(
+        width=cfg["width"], stride=cfg["stride"], center_mode=args.center_mode,
+        offset_radius=args.offset_radius,
+    )  # fmt: skip
+    cfg["center_mode"], cfg["offset_radius"] = args.center_mode, args.offset_radius
     rn_losses, t_rn = _timed(
         lambda: train_recist(
             model, train, steps=cfg["steps"], batch_size=cfg["batch"], lr=cfg["lr"],
@@ -473,9 +489,11 @@ def main() -> None:
               "missing_label_rate": args.missing_labels, "generation_s": t_data},
         recist_net={"params": params["RECIST-Net"], "steps": rn_steps, "train_s": t_rn,
                     "losses_first_last": [rn_losses[:5], rn_losses[-5:]],
+                    "loss_curve": loss_curve(rn_losses),
                     "eval": pack(rn_eval)},
         retinanet={"params": params["RetinaNet (MONAI)"], "steps": len(rt_losses),
                    "train_s": t_rt, "losses_first_last": [rt_losses[:5], rt_losses[-5:]],
+                   "loss_curve": loss_curve(rt_losses),
                    "eval": pack(rt_eval)},
         checks=checks,
         examples=examples,

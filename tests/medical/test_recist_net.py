@@ -166,3 +166,56 @@ def test_hourglass_backbone_shapes():
     model = RECISTNet(backbone="hourglass", hourglass=hg)
     out = model(torch.zeros(2, 1, 64, 64))
     assert out["heatmap"].shape == (2, 5, 16, 16) and out["offset"].shape == (2, 8, 16, 16)
+
+
+def _shifted_decode(
+    offset_radius: int, vote: int, noise: float = 0.0, seed: int = 0, shift: int = 1, **kw
+) -> tuple[float, float]:
+    """Decode ground-truth targets whose endpoint peaks sit ``shift`` cells off (a typical
+    peak localisation error of a trained model), with Gaussian noise on the offsets; returns
+    the worst and the mean endpoint error in px."""
+    rng = np.random.default_rng(seed)
+    pts = [
+        np.stack([lesion_points(40.3, 50.7, 20, 9, 25), lesion_points(95.2, 100.1, 12, 7, -60)]),
+        np.stack([lesion_points(64.6, 60.2, 16, 8, 80)]),
+    ]
+    t = encode_targets(pts, (128, 128), 2, offset_radius=offset_radius, **kw)
+    hm = torch.tensor(t["heatmap"])
+    hm[:, :4] = hm[:, :4].roll(shift, dims=-1)  # every endpoint peak moved to the right
+    off = torch.tensor(dense_offsets(t)) + noise * torch.tensor(rng.normal(size=(2, 8, 64, 64)))
+    dets = decode_batch(hm, off.float(), stride=2, spacing=0.7, k=8, vote=vote)
+    errs = [
+        min(np.linalg.norm(d.points - p, axis=1) for d in dl if np.abs(d.points - p).max() < 4)
+        for gt, dl in zip(pts, dets)
+        for p in gt
+    ]
+    return float(np.max(errs)), float(np.mean(errs))
+
+
+def test_neighbourhood_offsets_undo_a_peak_one_cell_off():
+    t = encode_targets([lesion_points(40.3, 50.7, 20, 9, 25)[None]], (128, 128), 2)
+    assert len(t["peaks"]) == 5 and len(t["offset_cells"]) == 5 * 9  # the 3×3 around each
+    assert t["offset_targets"].min() >= -1 and t["offset_targets"].max() < 2
+    # CenterNet's peak-only offsets: a peak one cell off decodes one cell (2 px) off
+    assert _shifted_decode(offset_radius=0, vote=0)[0] > 1.9
+    # offsets trained around the peak point back to the exact endpoint
+    assert _shifted_decode(offset_radius=1, vote=0)[0] < 1e-4
+    # two points of one map: a cell between them points to the nearer one
+    two = np.stack([lesion_points(20.2, 20.2, 8, 4, 0), lesion_points(38.6, 20.2, 8, 4, 0)])
+    t = encode_targets([two], (64, 64), 2, offset_radius=2)
+    cells = {tuple(c): o for c, o in zip(t["offset_cells"].tolist(), t["offset_targets"])}
+    # long_b of lesion 1 at x 28.2 (cell 14), long_a of lesion 2 at x 30.6 (cell 15)
+    np.testing.assert_allclose(cells[(0, 1, 10, 13)], [14.1 - 13, 10.1 - 10], atol=1e-5)
+    np.testing.assert_allclose(cells[(0, 0, 10, 16)], [15.3 - 16, 10.1 - 10], atol=1e-5)
+    with pytest.raises(ValueError, match="offset_radius"):
+        encode_targets([two], (64, 64), 2, offset_radius=-1)
+
+
+def test_vote_averages_out_offset_noise():
+    # noisy offsets (0.3 cells): the heatmap-weighted vote of the 3×3 cells around each peak
+    # beats the peak cell alone
+    errs = {
+        v: np.mean([_shifted_decode(1, v, 0.3, s, shift=0, min_radius=2)[1] for s in range(3)])
+        for v in (0, 1)
+    }
+    assert errs[1] < 0.7 * errs[0]

@@ -107,18 +107,32 @@ def suppress_ghosts(boxes: np.ndarray, scores: np.ndarray, factor: float = 4.0) 
     return out
 
 
-def _peaks(hm: torch.Tensor, offset: torch.Tensor, k: int, stride: int):
-    """Top-``k`` 3×3 local maxima of each endpoint map: scores ``(4, k)``, points ``(4, k, 2)``."""
+def _peaks(hm: torch.Tensor, offset: torch.Tensor, k: int, stride: int, vote: int = 0):
+    """Top-``k`` 3×3 local maxima of each endpoint map: scores ``(4, k)``, points ``(4, k, 2)``.
+
+    ``vote = 0``: each point is its peak cell plus that cell's offset. ``vote = r > 0``: the
+    heatmap-weighted mean of the points predicted by every cell within ``r`` of the peak
+    (cell + offset), for offsets trained around the peaks (``offset_radius >= r``): the
+    votes of several cells average out the noise of one.
+    """
     pooled = F.max_pool2d(hm[None, :4], 3, stride=1, padding=1)[0]
     peaks = torch.where(pooled == hm[:4], hm[:4], torch.zeros_like(hm[:4]))
     h, w = hm.shape[-2:]
     k = min(k, h * w)
     scores, idx = peaks.flatten(1).topk(k, dim=1)
     ys, xs = (idx // w), (idx % w)
-    ch = torch.arange(4, device=hm.device)[:, None]
-    ox = offset[2 * ch, ys, xs]
-    oy = offset[2 * ch + 1, ys, xs]
-    pts = torch.stack([(xs + ox) * stride, (ys + oy) * stride], dim=-1)
+    ch = torch.arange(4, device=hm.device)[:, None, None]
+    d = torch.arange(-vote, vote + 1, device=hm.device)
+    dy, dx = (t.reshape(-1) for t in torch.meshgrid(d, d, indexing="ij"))
+    ny, nx = ys[..., None] + dy, xs[..., None] + dx  # (4, k, (2 vote + 1)²)
+    inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    ny, nx = ny.clamp(0, h - 1), nx.clamp(0, w - 1)
+    wt = torch.where(inside, hm[ch, ny, nx], torch.zeros_like(ny, dtype=hm.dtype))
+    vx = nx + offset[2 * ch, ny, nx]
+    vy = ny + offset[2 * ch + 1, ny, nx]
+    norm = wt.sum(-1).clamp(min=1e-12)
+    px, py = (wt * vx).sum(-1) / norm, (wt * vy).sum(-1) / norm
+    pts = torch.stack([px * stride, py * stride], dim=-1)
     return scores, pts
 
 
@@ -151,6 +165,7 @@ def decode(
     pad: float = DEEPLESION_PAD,
     ghost: bool = False,
     center_pool: int = 1,
+    vote: int = 0,
     chunk: int = 1 << 20,
 ) -> list[RECISTDetection]:
     """Group one image's keypoints into lesions.
@@ -170,6 +185,10 @@ def decode(
         ghost: apply ghost-box suppression before NMS.
         center_pool: read the centre evidence as the max over a ``center_pool``² window
             (odd; 1 = the centre's own cell, as ExtremeNet).
+        vote: 0 = each endpoint is its peak cell + offset (CenterNet); ``r > 0`` = the
+            heatmap-weighted mean of the cell + offset predictions within ``r`` cells of the
+            peak (needs a model trained with ``offset_radius >= r``; ``RECISTNet.detect``
+            passes its own).
     """
     sp = as_spacing(spacing)
     if heatmap.ndim != 3 or heatmap.shape[0] != 5:
@@ -180,12 +199,14 @@ def decode(
         )
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
+    if vote < 0:
+        raise ValueError(f"vote must be non-negative, got {vote}")
     if center_pool < 1 or center_pool % 2 == 0:
         raise ValueError(f"center_pool must be a positive odd number, got {center_pool}")
     if center_mode not in ("intersection", "bbox", "mean"):
         raise ValueError(f"center_mode must be intersection, bbox or mean, got {center_mode!r}")
     hm, off = heatmap.float(), offset.float()
-    scores, pts = _peaks(hm, off, k, stride)
+    scores, pts = _peaks(hm, off, k, stride, vote)
     pts = pts.double()  # the geometry in float64: round-off must not move a centre's cell
     ls, lp = _pairs(scores, pts, 0, 1, scores_thresh)
     ss, spts = _pairs(scores, pts, 2, 3, scores_thresh)

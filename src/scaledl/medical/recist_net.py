@@ -100,20 +100,32 @@ def encode_targets(
     center_mode: str = "intersection",
     min_overlap: float = 0.7,
     min_radius: int = 0,
+    offset_radius: int = 1,
 ) -> dict[str, np.ndarray]:
     """Training targets for a batch: per image, ``(n_i, 4, 2)`` endpoints in input pixels.
 
     Returns ``heatmap (B, 5, h, w)`` with ``h, w = ceil(image_size / stride)``, and the
     offsets sparsely (a dense map would be mostly zeros to copy to the device every step):
-    ``peaks (N, 4)`` int64 rows ``(image, keypoint, iy, ix)`` (keypoint 4 is the centre) and
-    ``offsets (N, 2)`` the sub-pixel remainders ``(x - ix, y - iy)`` there.
+
+    - ``peaks (N, 4)`` int64 rows ``(image, keypoint, iy, ix)`` (keypoint 4 is the centre)
+      and ``offsets (N, 2)`` the sub-pixel remainders ``(x - ix, y - iy)`` there;
+    - ``offset_cells (M, 4)`` and ``offset_targets (M, 2)``: where the offset head is trained,
+      the peaks and every cell within ``offset_radius`` (Chebyshev) of them, each with the
+      vector ``(x - jx, y - jy)`` from that cell to the exact point. A peak found one cell
+      off then still decodes to the exact point (``offset_radius=0``: CenterNet's peak-only
+      offsets). A cell near two points of one map points to the nearer one.
     """
+    if offset_radius < 0:
+        raise ValueError(f"offset_radius must be non-negative, got {offset_radius}")
     H, W = image_size
     h, w = math.ceil(H / stride), math.ceil(W / stride)
     B = len(points)
     hm = np.zeros((B, N_MAPS, h, w), np.float32)
     peaks: list[tuple[int, int, int, int]] = []
     offs: list[tuple[float, float]] = []
+    # (image, keypoint, jy, jx) -> (squared distance to the point, dx, dy)
+    cells: dict[tuple[int, int, int, int], tuple[float, float, float]] = {}
+    r_off = range(-offset_radius, offset_radius + 1)
     for b, pts in enumerate(points):
         p = np.asarray(pts, dtype=np.float64).reshape(-1, 4, 2)
         if not np.all(np.isfinite(p)):
@@ -129,19 +141,28 @@ def encode_targets(
                 draw_gaussian(hm[b, k], ix, iy, r)
                 peaks.append((b, k, iy, ix))
                 offs.append((x - ix, y - iy))
+                for jy in (iy + d for d in r_off if 0 <= iy + d < h):
+                    for jx in (ix + d for d in r_off if 0 <= ix + d < w):
+                        dx, dy = x - jx, y - jy
+                        d2 = (dx - 0.5) ** 2 + (dy - 0.5) ** 2  # from the cell's centre
+                        key = (b, k, jy, jx)
+                        if key not in cells or d2 < cells[key][0]:
+                            cells[key] = (d2, dx, dy)
     return {
         "heatmap": hm,
         "peaks": np.array(peaks, dtype=np.int64).reshape(-1, 4),
         "offsets": np.array(offs, dtype=np.float32).reshape(-1, 2),
+        "offset_cells": np.array(list(cells), dtype=np.int64).reshape(-1, 4),
+        "offset_targets": np.array([v[1:] for v in cells.values()], np.float32).reshape(-1, 2),
     }
 
 
 def dense_offsets(targets: dict[str, np.ndarray], n_keypoints: int = 4) -> np.ndarray:
-    """The sparse offset targets as a ``(B, 2 * n_keypoints, h, w)`` map (zeros elsewhere),
-    the layout of the offset head's output."""
+    """The sparse offset targets (``offset_cells``) as a ``(B, 2 * n_keypoints, h, w)`` map
+    (zeros elsewhere), the layout of the offset head's output."""
     B, _, h, w = targets["heatmap"].shape
     out = np.zeros((B, 2 * n_keypoints, h, w), np.float32)
-    for (b, k, iy, ix), (dx, dy) in zip(targets["peaks"], targets["offsets"]):
+    for (b, k, iy, ix), (dx, dy) in zip(targets["offset_cells"], targets["offset_targets"]):
         if k < n_keypoints:
             out[b, 2 * k : 2 * k + 2, iy, ix] = (dx, dy)
     return out
@@ -330,6 +351,8 @@ class RECISTNetConfig:
     keypoint_mode: str = "recist4"
     min_overlap: float = 0.7
     min_radius: int = 0
+    offset_radius: int = 1
+    offset_weight: float = 1.0
     hourglass: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -410,12 +433,13 @@ class RECISTNet(nn.Module):
             center_mode=c.center_mode,
             min_overlap=c.min_overlap,
             min_radius=c.min_radius,
+            offset_radius=c.offset_radius,
         )
 
     def loss(
         self, outputs: dict[str, torch.Tensor], targets: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
-        """``{"loss", "focal", "offset"}``: Σ of 5 focal terms + L1 offsets (weights 1)."""
+        """``{"loss", "focal", "offset"}``: Σ of 5 focal terms + ``offset_weight`` × L1 offsets."""
         dev = outputs["heatmap"].device
         t = {k: torch.as_tensor(v, device=dev) for k, v in targets.items()}
         if t["heatmap"].shape != outputs["heatmap"].shape:
@@ -424,8 +448,9 @@ class RECISTNet(nn.Module):
                 f"{tuple(outputs['heatmap'].shape)}; build targets with model.encode"
             )
         focal = focal_loss(outputs["heatmap"], t["heatmap"])
-        off = offset_l1_loss(outputs["offset"], t["peaks"], t["offsets"])
-        return {"loss": focal + off, "focal": focal.detach(), "offset": off.detach()}
+        off = offset_l1_loss(outputs["offset"], t["offset_cells"], t["offset_targets"])
+        total = focal + self.config.offset_weight * off
+        return {"loss": total, "focal": focal.detach(), "offset": off.detach()}
 
     @torch.no_grad()
     def detect(
@@ -446,6 +471,7 @@ class RECISTNet(nn.Module):
         finally:
             self.train(was_training)
         decode_kwargs.setdefault("center_mode", self.config.center_mode)
+        decode_kwargs.setdefault("vote", self.config.offset_radius)
         return decode_batch(
             torch.sigmoid(out["heatmap"]), out["offset"], stride=self.stride, spacing=spacing,
             **decode_kwargs,
@@ -468,7 +494,9 @@ class RECISTNet(nn.Module):
             raise ValueError(
                 f"{d} is not a saved RECISTNet (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
-        model = cls(RECISTNetConfig(**json.loads((d / CONFIG_NAME).read_text())))
+        cfg = json.loads((d / CONFIG_NAME).read_text())
+        cfg.setdefault("offset_radius", 0)  # saved before neighbourhood offsets existed
+        model = cls(RECISTNetConfig(**cfg))
         state = torch.load(d / WEIGHTS_NAME, map_location=map_location, weights_only=True)
         model.load_state_dict(state)
         return model
