@@ -10,8 +10,16 @@ import torch
 from torch import fx
 
 from scaledl.placement import PlacedModule, place
-from scaledl.placement.executor import _AwaitGrad, _DeviceCopy, _GradLink
-from scaledl.placement.models import GPT2, GPT2Block, MLPBlock, ParallelBranches, Seq2SeqTransformer
+from scaledl.placement.executor import _AwaitGrad, _DeviceCopy, _GradLink, dense_for_copy
+from scaledl.placement.models import (
+    GPT2,
+    ConvBNReLU,
+    GPT2Block,
+    InceptionNet,
+    MLPBlock,
+    ParallelBranches,
+    Seq2SeqTransformer,
+)
 from scaledl.placement.trace import symbolic_trace
 
 
@@ -143,6 +151,57 @@ def test_deferred_gradient_copy_is_an_exact_differentiable_copy() -> None:
     assert link.event is None  # no GPU copy, nothing to wait for
     with pytest.raises(ValueError, match="grad_copies must be"):
         PlacedModule(ParallelBranches(2, 1, 8), {}, ["cpu"], grad_copies="now")
+
+
+def test_cat_gradients_are_made_dense_before_crossing_devices() -> None:
+    """The gradient reaching one input of a channel ``cat`` is a strided slice (PyTorch would
+    copy it between GPUs with an elementwise kernel over the peer link); the copy path sends a
+    dense equal copy instead, and dense tensors (also channels-last) go as they are."""
+    parts = [torch.randn(4, c, 5, 5, requires_grad=True) for c in (3, 2)]
+    seen = []
+    for p in parts:
+        p.register_hook(seen.append)
+    w = torch.randn(4, 5, 5, 5)
+    (torch.cat(parts, dim=1) * w).sum().backward()
+    assert all(not g.is_contiguous() for g in seen)  # what the executor receives
+    for g in seen:
+        d = dense_for_copy(g)
+        assert d.is_contiguous() and d.data_ptr() != g.data_ptr()
+        torch.testing.assert_close(d, g, rtol=0, atol=0)
+    dense = torch.randn(4, 3, 5, 5)
+    assert dense_for_copy(dense) is dense
+    cl = dense.to(memory_format=torch.channels_last)
+    assert dense_for_copy(cl) is cl
+    assert dense_for_copy(dense[:, :1]).is_contiguous()
+
+
+@pytest.mark.gpu
+def test_inception_split_across_gpus_matches_single_device() -> None:
+    """Branches of every block on both GPUs, so cat gradients cross devices as slices."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    torch.manual_seed(0)
+    model = InceptionNet(blocks=2, width=4, classes=10)
+    x = (torch.randn(2, 3, 32, 32),)
+    ref_out, ref_grads = _run(copy.deepcopy(model), x)
+    gm = symbolic_trace(model, (ConvBNReLU,))
+    mapping = {
+        n.name: int(".b3" in str(n.target) or ".b4" in str(n.target) or "cat" in n.name)
+        for n in gm.graph.nodes
+        if n.op != "output"
+    }
+    pm = PlacedModule(
+        copy.deepcopy(model), mapping, ["cuda:0", "cuda:1"], leaf_modules=(ConvBNReLU,)
+    )
+    for _ in range(2):
+        pm.zero_grad(set_to_none=True)
+        out, _ = _run(pm, tuple(t.cuda() for t in x))
+    assert pm.copies > 0
+    torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-4, atol=1e-5)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(
+            dict(pm.gm.named_parameters())[k].grad.cpu(), g, rtol=1e-3, atol=1e-4
+        )
 
 
 @pytest.mark.gpu

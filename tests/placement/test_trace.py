@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from scaledl.placement import CommCost, Roofline, fit_comm_cost, trace, transfer_sweep
+from scaledl.placement.cost_model import _sweep_tensor
 from scaledl.placement.models import GPT2, GPT2Block, load_model
 
 from .helpers import TinyMLP
@@ -91,6 +92,11 @@ def test_comm_fit_recovers_latency_and_bandwidth() -> None:
     assert fit.bandwidth == pytest.approx(20e9, rel=1e-3)
     measured = transfer_sweep("cpu", "cpu", max_log2_elements=10, repeats=2)
     assert len(measured) == 11 and all(t > 0 for _, t in measured)
+    strided = transfer_sweep("cpu", "cpu", max_log2_elements=10, repeats=2, strided=True)
+    assert [b for b, _ in strided] == [b for b, _ in measured] and all(t > 0 for _, t in strided)
+    for k in (0, 3, 10):  # 2^k elements in a [:, 0] slice, as a channel-cat gradient is
+        x = _sweep_tensor(k, "cpu", strided=True)
+        assert x.numel() == 2**k and (k == 0 or not x.is_contiguous())
     with pytest.raises(ValueError, match="two"):
         fit_comm_cost(samples[:1])
 

@@ -186,20 +186,37 @@ def transfer_sweep(
     *,
     max_log2_elements: int = 24,
     repeats: int = 20,
+    strided: bool = False,
 ) -> list[tuple[int, float]]:
-    """Median time to copy 2^0 .. 2^k float32 elements from ``src`` to ``dst`` (spec §2.1)."""
+    """Median time to copy 2^0 .. 2^k float32 elements from ``src`` to ``dst`` (spec §2.1).
+
+    ``strided=True`` copies every other row of a ``(rows, 2, cols)`` tensor instead (the
+    layout of one input's slice of a channel-``cat`` gradient): between GPUs PyTorch moves
+    such a tensor with an elementwise kernel, not ``cudaMemcpy``, and it costs more."""
     import torch
 
     samples = []
     # A GPU-to-GPU copy runs on the source device's current stream: time it there.
     dev = torch.device(src) if torch.device(src).type == "cuda" else torch.device(dst)
     for k in range(max_log2_elements + 1):
-        x = torch.ones(2**k, device=src)
+        x = _sweep_tensor(k, src, strided)
         t = measure_seconds(
             lambda x=x: x.to(dst, non_blocking=True, copy=True), device=dev, repeats=repeats
         )
         samples.append((x.numel() * 4, t))
     return samples
+
+
+def _sweep_tensor(log2_elements: int, device: str, strided: bool):
+    """2^k float32 elements on ``device``: contiguous, or a strided ``[:, 0]`` slice of
+    ``(rows, 2, cols)`` with up to 64 rows (a batch) of contiguous runs of ``cols``."""
+    import torch
+
+    n = 2**log2_elements
+    if not strided:
+        return torch.ones(n, device=device)
+    rows = 2 ** min(log2_elements, 6)
+    return torch.ones(rows, 2, n // rows, device=device)[:, 0]
 
 
 def fit_comm_cost(samples: Sequence[tuple[int, float]]) -> CommCost:
