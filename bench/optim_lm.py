@@ -34,22 +34,35 @@ from scaledl.optim.charlm_task import CharLMTask, load_stdlib_corpus, run_local
 from scaledl.optim.digits_task import RunSpec
 
 #: the grid every AdaGrad-family method is tuned over (sync AdaGrad/AdaAlter, Local AdaAlter)
-ADA_LRS = (1.6, 3.2, 6.4)
+ADA_LRS = (0.2, 0.4, 0.8)
 #: the grid of the SGD family (Nesterov momentum 0.9, cosine decay)
-SGD_LRS = (1.0, 2.0, 4.0)
+SGD_LRS = (4.0, 8.0, 16.0)
 ADA_WARMUP, SGD_WARMUP = 40, 20
 MAX_GRAD_NORM = 5.0
 PERIODS = (4, 8, 16)
 
 
 def lm_specs(
-    ada_lrs: tuple[float, ...], sgd_lrs: tuple[float, ...], periods: tuple[int, ...]
+    ada_lrs: tuple[float, ...],
+    sgd_lrs: tuple[float, ...],
+    periods: tuple[int, ...],
+    ada_warmup: int = ADA_WARMUP,
+    update_clip: float | None = 1.0,
+    initial_accumulator: float = 0.0,
 ) -> list[RunSpec]:
-    """Every method at every lr of its family's grid; labels end with `` lr=<lr>``."""
+    """Every method at every lr of its family's grid; labels end with `` lr=<lr>``. The
+    AdaGrad family shares ``ada_warmup`` (Local AdaAlter's synchronous warm-up, the sync
+    methods' lr ramp) and ``initial_accumulator`` (B at the start); ``update_clip`` is
+    AdaAlter's denominator floor."""
     common = dict(max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0)
     specs = []
     for lr in ada_lrs:
-        w = dict(warmup_steps=ADA_WARMUP, **common)
+        w = dict(
+            warmup_steps=ada_warmup,
+            update_clip=update_clip,
+            initial_accumulator_value=initial_accumulator,
+            **common,
+        )
         specs += [
             RunSpec("adagrad", lr, f"sync AdaGrad lr={lr}", **w),
             RunSpec("adaalter", lr, f"sync AdaAlter lr={lr}", **w),
@@ -73,11 +86,29 @@ def main() -> int:
     ap.add_argument("--world-size", type=int, default=None, help="ranks (default 8; quick 4)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (200; quick 60)")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds (default 2; quick 1)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds (default 1)")
     ap.add_argument("--ada-lrs", type=float, nargs="+", default=None, help=f"{list(ADA_LRS)}")
     ap.add_argument("--sgd-lrs", type=float, nargs="+", default=None, help=f"{list(SGD_LRS)}")
     ap.add_argument(
         "--periods", type=int, nargs="+", default=list(PERIODS), help="Local AdaAlter H"
+    )
+    ap.add_argument(
+        "--ada-warmup", type=int, default=ADA_WARMUP, help="AdaGrad-family warm-up steps"
+    )
+    ap.add_argument(
+        "--update-clip",
+        type=float,
+        default=1.0,
+        help="AdaAlter's denominator floor (0: the paper's unguarded rule)",
+    )
+    ap.add_argument(
+        "--initial-accumulator",
+        type=float,
+        default=0.0,
+        help="AdaGrad-family initial accumulator B0 (default 0, PyTorch's Adagrad default)",
+    )
+    ap.add_argument(
+        "--no-sgd", action="store_true", help="AdaGrad family only (for diagnostic reruns)"
     )
     ap.add_argument("--batch-size", type=int, default=8, help="windows per rank per step")
     ap.add_argument("--seq-len", type=int, default=64, help="characters per window")
@@ -97,15 +128,19 @@ def main() -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = args.world_size or (4 if args.quick else 8)
     steps = args.steps or (60 if args.quick else 200)
-    n_seeds = args.seeds or (1 if args.quick else 2)
+    n_seeds = args.seeds or 1
     ada_lrs = tuple(args.ada_lrs or (ADA_LRS[1:2] if args.quick else ADA_LRS))
     sgd_lrs = tuple(args.sgd_lrs or (SGD_LRS[1:2] if args.quick else SGD_LRS))
+    sgd_lrs = () if args.no_sgd else sgd_lrs
     periods = tuple([8] if args.quick and args.periods == list(PERIODS) else args.periods)
     if n_seeds < 1 or world < 1 or steps < 1 or any(x <= 0 for x in ada_lrs + sgd_lrs):
         raise ValueError("--world-size, --steps, --seeds and every lr must be positive")
     corpus = load_stdlib_corpus(args.max_bytes, args.heldout_bytes)
     task = CharLMTask(corpus, args.seq_len, args.embed, args.hidden, device)
-    specs = lm_specs(ada_lrs, sgd_lrs, periods)
+    if min(args.ada_warmup, args.update_clip, args.initial_accumulator) < 0:
+        raise ValueError("--ada-warmup, --update-clip and --initial-accumulator must be >= 0")
+    clip = args.update_clip or None
+    specs = lm_specs(ada_lrs, sgd_lrs, periods, args.ada_warmup, clip, args.initial_accumulator)
     seeds = list(range(args.seed, args.seed + n_seeds))
     params = sum(p.numel() for p in task.make_model(0).parameters())
     print(
@@ -186,6 +221,9 @@ def main() -> int:
             "seeds": seeds,
             "ada_lrs": list(ada_lrs),
             "sgd_lrs": list(sgd_lrs),
+            "ada_warmup": args.ada_warmup,
+            "update_clip": clip,
+            "initial_accumulator": args.initial_accumulator,
             "model": {
                 "parameters": params,
                 "embed": args.embed,

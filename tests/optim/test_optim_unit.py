@@ -22,7 +22,7 @@ from scaledl.optim import (
     overall_ratio,
 )
 from scaledl.optim._common import derive_key, is_sync_step
-from scaledl.optim.digits_task import RunSpec
+from scaledl.optim.digits_task import RunSpec, build_optimizer
 from scaledl.optim.random_block import BlockExchange
 
 
@@ -308,6 +308,10 @@ def test_run_spec_validation_and_ratios():
     assert RunSpec("local-adaalter", 0.1, period=8).expected_ratio == 4
     with pytest.raises(ValueError, match="max_grad_norm must be positive"):
         RunSpec("adagrad", 0.1, max_grad_norm=0.0)
+    spec = RunSpec("local-adaalter", 0.1, period=4, max_grad_norm=2.0, update_clip=None)
+    opt, sync_grads = build_optimizer(spec, _model())
+    assert not sync_grads and opt.update_clip is None and opt.max_grad_norm == 2.0
+    assert opt.period == 4
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         RunSpec("adam", 0.1)
     with pytest.raises(ValueError, match="r1 must be >= 1"):

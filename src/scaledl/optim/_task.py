@@ -45,7 +45,8 @@ class RunSpec:
     ``r1``/``r2`` are CSER's per-step and reset block ratios; ``ratio`` is the compression of
     EF-SGD's per-step block and of QSparse's block at each sync. ``max_grad_norm`` clips the
     gradient a method steps on (the averaged one for synchronous methods, the local one
-    otherwise) to that global L2 norm; None leaves it unclipped.
+    otherwise) to that global L2 norm; None leaves it unclipped. ``update_clip`` is
+    AdaAlter's and Local AdaAlter's denominator floor (None: the paper's unguarded rule).
     """
 
     optimizer: str
@@ -60,6 +61,7 @@ class RunSpec:
     weight_decay: float = 5e-4
     initial_accumulator_value: float = 0.1
     max_grad_norm: float | None = None
+    update_clip: float | None = 1.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -129,7 +131,7 @@ def build_optimizer(
     ada = dict(lr=spec.lr, initial_accumulator_value=spec.initial_accumulator_value)
     if o == "adagrad":
         return torch.optim.Adagrad(params, eps=1e-7, **ada), True
-    ada["max_grad_norm"] = spec.max_grad_norm
+    ada.update(max_grad_norm=spec.max_grad_norm, update_clip=spec.update_clip)
     if o == "adaalter":
         return AdaAlter(params, **ada), True
     return LocalAdaAlter(params, period=spec.period, warmup_steps=spec.warmup_steps, **ada), False

@@ -16,7 +16,7 @@ TASKS = ("digits", "charlm")
 #: default learning rates per task: the digits grid's 0.2; on the character LM the best points
 #: of ``bench/optim_lm.py``'s grids (AdaGrad family / SGD family)
 _ADA_FAMILY = ("adagrad", "adaalter", "local-adaalter")
-_CHARLM_LR = {"ada": 0.4, "sgd": 1.0}
+_CHARLM_LR = {"ada": 0.4, "sgd": 8.0}
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--lr",
         type=float,
         default=None,
-        help="learning rate (digits 0.2; charlm 0.4 AdaGrad family, 1.0 SGD family)",
+        help="learning rate (digits 0.2; charlm 0.4 AdaGrad family, 8.0 SGD family)",
     )
     b.add_argument("--r1", type=float, default=64.0, help="CSER per-step block ratio")
     b.add_argument("--r2", type=float, default=4.0, help="CSER error-reset block ratio")
@@ -85,9 +85,10 @@ def _bench(args: argparse.Namespace) -> int:
         r2=args.r2,
         ratio=args.ratio,
         warmup_steps=args.warmup_steps,
-        # The LM is trained with clipping and without weight decay (bench/optim_lm.py).
+        # The LM settings of bench/optim_lm.py: clipping, no weight decay, B0 = 0.
         max_grad_norm=5.0 if charlm else None,
         weight_decay=0.0 if charlm else 5e-4,
+        initial_accumulator_value=0.0 if charlm else 0.1,
     )
     if charlm:
         from scaledl.optim.charlm_task import run_local
