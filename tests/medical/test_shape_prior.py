@@ -257,3 +257,23 @@ def test_label_prior_gradients_reach_the_matcher_and_weights():
     assert net.prior_weight.grad.abs() > 0 and net.log_prior_tau.grad.abs() > 0
     with pytest.raises(ValueError, match="prior_features"):
         ShapePriorNet(3, features=TINY, prior_features=(4, 8))
+
+
+def test_from_pretrained_keeps_the_label_prior_setting(tmp_path):
+    import json
+
+    x, t, m = _inputs(b=1)
+    for prior in (True, False):
+        net = ShapePriorNet(3, features=TINY, label_prior=prior).eval()
+        net.save_pretrained(tmp_path / str(prior))
+        back = ShapePriorNet.from_pretrained(tmp_path / str(prior)).eval()
+        assert back.has_label_prior is prior
+        with torch.no_grad():
+            torch.testing.assert_close(back(x, t, m), net(x, t, m))
+    # a configuration written before the option existed means a network without the prior
+    cfg_path = tmp_path / "False" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("label_prior", "prior_pool", "prior_features", "prior_dim", "prior_weight"):
+        cfg.pop(key)
+    cfg_path.write_text(json.dumps(cfg))
+    assert not ShapePriorNet.from_pretrained(tmp_path / "False").has_label_prior

@@ -438,6 +438,8 @@ class ShapePriorNet(nn.Module):
         for key in ("norm", "act"):
             if isinstance(cfg.get(key), list):
                 cfg[key] = tuple(cfg[key])
+        # folders saved before the label prior existed hold networks without it
+        cfg.setdefault("label_prior", False)
         net = cls(**cfg)
         net.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
         return net
