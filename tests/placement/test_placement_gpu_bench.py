@@ -160,3 +160,27 @@ def test_allocator_churn_is_per_step_and_device_and_absent_on_cpu(bench, monkeyp
         "num_device_alloc_per_step": [5.0, 0.0],
         "num_sync_all_streams_per_step": [0.0, 0.0],
     }
+
+
+def test_summary_compares_baechi_with_the_expert_on_its_own_memory_too(bench) -> None:
+    """Best of m-ETF/m-SCT against each baseline; where the placers also ran with the expert's
+    memory, that comparison is reported separately (the plain one keeps the placers' cap)."""
+
+    def rec(name: str, step: float | None, fid: float = 0.01) -> dict:
+        return {"placement": name, "step_s": step, "fidelity": {"shared": fid}}
+
+    records = [
+        rec("m-etf", 0.050, fid=0.2),
+        rec("m-sct", 0.055),
+        rec("expert", 0.040),
+        rec("sequential-fill", 0.060),
+        rec("m-etf @expert mem", 0.041),
+        rec("m-sct @expert mem", None),
+    ]
+    out = bench.compare(records)
+    assert out["best_baechi_s"] == 0.050
+    assert out["vs_expert"] == pytest.approx(0.25)
+    assert out["vs_sequential-fill"] == pytest.approx(0.05 / 0.06 - 1)
+    assert out["vs_expert_same_memory"] == pytest.approx(0.025)
+    assert out["max_fidelity_error"] == 0.2 and "vs_equal-pipeline" not in out
+    assert "vs_expert_same_memory" not in bench.compare(records[:4])
