@@ -49,6 +49,18 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+def _methods(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """METHODS, with one Local AdaAlter run per learning rate of ``--ada-lr`` (a grid)."""
+    lrs = cfg["ada_lr"]
+    out = []
+    for label, kind, opts in METHODS:
+        if kind == "local-adaalter" and len(lrs) > 1:
+            out += [(f"{label} lr {lr:g}", kind, {**opts, "lr": lr}) for lr in lrs]
+        else:
+            out.append((label, kind, opts))
+    return out
+
+
 class ResidualMLP(nn.Module):
     """``depth`` pre-LN residual blocks of width ``width``: 16 x 2048 gives ~67M parameters."""
 
@@ -82,7 +94,7 @@ def _build(kind: str, opts: dict[str, Any], model: nn.Module, cfg: dict[str, Any
     if kind == "local-adaalter":
         opt = LocalAdaAlter(
             params,
-            lr=cfg["ada_lr"],
+            lr=opts.get("lr", cfg["ada_lr"][0]),
             period=opts["period"],
             warmup_steps=cfg["ada_warmup"],
             initial_accumulator_value=cfg["ada_init"],
@@ -119,7 +131,7 @@ def _rank_main(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     del warm
     out = []
     target = cfg["target_loss"]
-    for label, kind, opts in METHODS:
+    for label, kind, opts in _methods(cfg):
         torch.manual_seed(0)
         model = ResidualMLP(d_in, cfg["width"], cfg["depth"], d_out).to(device)
         opt, sync_grads = _build(kind, opts, model, cfg)
@@ -187,6 +199,16 @@ def _rank_main(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _lr_list(text: str) -> list[float]:
+    try:
+        lrs = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--ada-lr: not a comma-separated list of numbers: {text!r}") from None
+    if not lrs or any(lr <= 0 for lr in lrs):
+        raise SystemExit(f"--ada-lr needs positive learning rates, got {text!r}")
+    return lrs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU, gloo, small model (< 2 min)")
@@ -199,7 +221,11 @@ def main() -> int:
     ap.add_argument("--target-loss", type=float, default=None, help="default: sync SGD's final")
     ap.add_argument("--slack", type=float, default=0.02, help="target = sync SGD final x (1+s)")
     ap.add_argument("--lr", type=float, default=0.02, help="SGD-family learning rate")
-    ap.add_argument("--ada-lr", type=float, default=0.01, help="Local AdaAlter learning rate")
+    ap.add_argument(
+        "--ada-lr",
+        default="0.01",
+        help="Local AdaAlter learning rate; a comma-separated list runs one per value",
+    )
     ap.add_argument("--ada-init", type=float, default=0.0, help="AdaAlter initial accumulator")
     ap.add_argument("--ada-warmup", type=int, default=20, help="Local AdaAlter warm-up steps")
     ap.add_argument(
@@ -223,7 +249,7 @@ def main() -> int:
         "depth": 16 if cuda else 3,
         "batch": 256 if cuda else 32,
         "lr": args.lr,
-        "ada_lr": args.ada_lr,
+        "ada_lr": _lr_list(args.ada_lr),
         "ada_init": args.ada_init,
         "ada_warmup": args.ada_warmup,
         "ada_update_clip": args.ada_update_clip if args.ada_update_clip > 0 else None,
