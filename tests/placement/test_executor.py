@@ -183,25 +183,13 @@ def test_inception_split_across_gpus_matches_single_device() -> None:
     torch.manual_seed(0)
     model = InceptionNet(blocks=2, width=4, classes=10)
     x = (torch.randn(2, 3, 32, 32),)
-    ref_out, ref_grads = _run(copy.deepcopy(model), x)
     gm = symbolic_trace(model, (ConvBNReLU,))
     mapping = {
         n.name: int(".b3" in str(n.target) or ".b4" in str(n.target) or "cat" in n.name)
         for n in gm.graph.nodes
         if n.op != "output"
     }
-    pm = PlacedModule(
-        copy.deepcopy(model), mapping, ["cuda:0", "cuda:1"], leaf_modules=(ConvBNReLU,)
-    )
-    for _ in range(2):
-        pm.zero_grad(set_to_none=True)
-        out, _ = _run(pm, tuple(t.cuda() for t in x))
-    assert pm.copies > 0
-    torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-4, atol=1e-5)
-    for k, g in ref_grads.items():
-        torch.testing.assert_close(
-            dict(pm.gm.named_parameters())[k].grad.cpu(), g, rtol=1e-3, atol=1e-4
-        )
+    _check_on_two_gpus(model, mapping, x, (ConvBNReLU,), grad_rtol=1e-3, grad_atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -211,20 +199,30 @@ def test_two_gpus_match_single_device() -> None:
     torch.manual_seed(0)
     model = ParallelBranches(4, 2, 64)
     x = (torch.randn(16, 64),)
-    ref_out, ref_grads = _run(copy.deepcopy(model), x)
     plan = place(model, x, devices=2, memory_gib=0.002, leaf_modules=(MLPBlock,))
+    _check_on_two_gpus(model, plan, x, ())
+
+
+def _check_on_two_gpus(model, placement, x, leaves, grad_rtol=1e-4, grad_atol=1e-5) -> None:
+    """Both ``grad_copies`` modes on cuda:0/1 give the single-device outputs and gradients."""
+    ref_out, ref_grads = _run(copy.deepcopy(model), x)
     for mode in ("deferred", "autograd"):
-        pm = PlacedModule(copy.deepcopy(model), plan, ["cuda:0", "cuda:1"], grad_copies=mode)
+        pm = PlacedModule(
+            copy.deepcopy(model),
+            placement,
+            ["cuda:0", "cuda:1"],
+            leaf_modules=leaves,
+            grad_copies=mode,
+        )
         assert pm.grad_copies == mode
         for _ in range(2):  # the second step reuses the copy streams and cached blocks
             pm.zero_grad(set_to_none=True)
             out, _ = _run(pm, tuple(t.cuda() for t in x))
         assert pm.copies > 0
         torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-4, atol=1e-5)
+        params = dict(pm.gm.named_parameters())
         for k, g in ref_grads.items():
-            torch.testing.assert_close(
-                dict(pm.gm.named_parameters())[k].grad.cpu(), g, rtol=1e-4, atol=1e-5
-            )
+            torch.testing.assert_close(params[k].grad.cpu(), g, rtol=grad_rtol, atol=grad_atol)
 
 
 def test_copies_are_issued_right_after_their_producer() -> None:

@@ -16,7 +16,7 @@ differentiable, so ``loss.backward()`` mirrors every transfer and runs each op's
 its forward device.
 
 Every tensor sent to another GPU is made dense first (:func:`dense_for_copy`), on the copy
-stream: the gradient of one input of ``torch.cat`` along channels is a strided slice, and
+stream (with ``grad_copies="autograd"`` a hook densifies the gradient autograd sends back): the gradient of one input of ``torch.cat`` along channels is a strided slice, and
 PyTorch copies a strided tensor between GPUs with an elementwise kernel on the sending GPU's
 SMs writing over the peer link, not with the copy engines' ``cudaMemcpy``. That is far slower
 than the measured transfer sweep (and takes SMs from compute), which is what made m-ETF and
@@ -278,7 +278,10 @@ class PlacedModule(nn.Module):
         if self.grad_copies == "deferred" and t.requires_grad and torch.is_grad_enabled():
             link = _GradLink()
             return _DeviceCopy.apply(_AwaitGrad.apply(t, link), self, dst, link, events, key)
-        return self._stream_copy(t, dst, events, key)
+        y = self._stream_copy(t, dst, events, key)
+        if y.requires_grad:  # autograd copies the gradient back: hand it a dense one
+            y.register_hook(dense_for_copy)
+        return y
 
     def _stream_copy(
         self, t: torch.Tensor, dst: torch.device, events: dict[int, Any], key: int
