@@ -239,6 +239,7 @@ def run_configuration(
             host_b.append(t2 - t1)
         times.sort()
         churn = allocator_churn(stats0, allocator_counters(devices), steps)
+        slowest = slowest_launches(pm, step, devices)
         peak = [torch.cuda.max_memory_allocated(d) / GIB for d in cuda_devices(devices)]
         return {
             "step_s": times[len(times) // 2],
@@ -255,6 +256,7 @@ def run_configuration(
                 torch.cuda.max_memory_reserved(d) / GIB for d in cuda_devices(devices)
             ],
             **churn,
+            "slowest_launches_ms": slowest,
             "error": None,
         }
     except Exception as exc:  # one failing placement must not end the whole comparison
@@ -294,6 +296,22 @@ def measure_step(
     meas["runtime_limit_gib"] = [x / GIB for x in limits]
     meas["leaked_gib"] = [(a - b) / GIB for a, b in zip(after, before)]
     return meas
+
+
+def slowest_launches(pm, step: Callable[[], None], devices, k: int = 5) -> list[list]:
+    """One more step with the executor's host clock on: the ``k`` nodes whose launch (with
+    their copies) held the host longest, as ``[name, ms]``. On a GPU a launch costs tens of
+    microseconds; milliseconds mean the host waited for a device."""
+    _sync(devices)
+    pm.host_clock = []
+    try:
+        step()
+        spent = pm.host_launch_seconds()
+    finally:
+        pm.host_clock = None
+    _sync(devices)
+    spent.sort(key=lambda x: -x[1])
+    return [[name, round(s * 1e3, 3)] for name, s in spent[:k]]
 
 
 ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_sync_all_streams")

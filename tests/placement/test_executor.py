@@ -175,6 +175,34 @@ def test_cat_gradients_are_made_dense_before_crossing_devices() -> None:
     assert dense_for_copy(dense[:, :1]).is_contiguous()
 
 
+def test_host_clock_times_every_launch_in_order_only_when_asked() -> None:
+    """``host_clock`` gives the host time of each node's launch (with its copies) in launch
+    order; a slow module shows up as the slowest launch; without it nothing is recorded."""
+    import time
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.02)
+            return x * 2
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Slow(), torch.nn.Linear(4, 4))
+    gm = symbolic_trace(model, (Slow,))
+    mapping = {n.name: int(n.name == "_2") for n in gm.graph.nodes if n.op != "output"}
+    pm = PlacedModule(copy.deepcopy(model), mapping, ["cpu", "cpu"], leaf_modules=(Slow,))
+    pm(torch.randn(2, 4))
+    assert pm.host_clock is None
+    with pytest.raises(ValueError, match="host_clock"):
+        pm.host_launch_seconds()
+    pm.host_clock = []
+    t0 = time.perf_counter()
+    pm(torch.randn(2, 4))
+    total = time.perf_counter() - t0
+    spent = pm.host_launch_seconds()
+    assert [name for name, _ in spent] == [n.name for n in pm.order]
+    assert all(s >= 0 for _, s in spent) and sum(s for _, s in spent) <= total
+    assert max(spent, key=lambda x: x[1])[0] == "_1" and dict(spent)["_1"] >= 0.02
+
+
 @pytest.mark.gpu
 def test_inception_split_across_gpus_matches_single_device() -> None:
     """Branches of every block on both GPUs, so cat gradients cross devices as slices."""

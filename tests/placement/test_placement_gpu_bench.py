@@ -141,6 +141,15 @@ def test_caps_are_stated_on_allocated_bytes_and_lifted(bench, monkeypatch) -> No
     assert calls == [(1.0, "cuda:0"), (1.0, "cuda:1")]
 
 
+def test_configuration_reports_its_slowest_launches(bench) -> None:
+    model, inputs, leaves, placement = _configuration(bench)
+    meas = bench.measure_step(model, placement, [torch.device("cpu")] * 2, inputs, 2, 1, leaves)
+    slow = meas["slowest_launches_ms"]
+    names = {n for n in placement}
+    assert len(slow) == 5 and all(name in names and ms >= 0 for name, ms in slow)
+    assert [ms for _, ms in slow] == sorted((ms for _, ms in slow), reverse=True)
+
+
 def test_allocator_churn_is_per_step_and_device_and_absent_on_cpu(bench, monkeypatch) -> None:
     """Allocator retries and cudaMallocs during the timed steps are reported per step and GPU
     (they stall the host, which the simulator does not model); CPU runs report none."""

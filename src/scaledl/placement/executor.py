@@ -15,13 +15,13 @@ stream waits for that event just before the first use. No host synchronisation. 
 differentiable, so ``loss.backward()`` mirrors every transfer and runs each op's backward on
 its forward device.
 
-Every tensor sent to another GPU is made dense first (:func:`dense_for_copy`), on the copy
-stream (with ``grad_copies="autograd"`` a hook densifies the gradient autograd sends back): the gradient of one input of ``torch.cat`` along channels is a strided slice, and
-PyTorch copies a strided tensor between GPUs with an elementwise kernel on the sending GPU's
-SMs writing over the peer link, not with the copy engines' ``cudaMemcpy``. That is far slower
-than the measured transfer sweep (and takes SMs from compute), which is what made m-ETF and
-m-SCT placements of the Inception-style model, whose branches meet in such a cat on the
-other GPU, 20% slower than simulated.
+Every tensor sent to another GPU is made dense first (:func:`dense_for_copy`) on the copy
+stream; with ``grad_copies="autograd"`` a hook densifies the gradient autograd sends back.
+The gradient of one input of a channel ``torch.cat`` is a strided slice, and PyTorch copies a
+strided tensor between GPUs with an elementwise kernel on the sending GPU's SMs writing over
+the peer link, not with the copy engines' ``cudaMemcpy`` that the transfer sweep measures:
+slower, and it competes with compute. Placements that split an Inception block's branches
+across GPUs (m-ETF, m-SCT, the expert split) paid this and ran 12-22% slower than simulated.
 
 On a machine without several GPUs, logical devices may all map to ``cpu``: the execution,
 the copy bookkeeping and the numerics are the same.
@@ -30,6 +30,7 @@ the copy bookkeeping and the numerics are the same.
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -100,6 +101,18 @@ class PlacedModule(nn.Module):
         #: Copies (and their bytes) of the last forward, between logical devices.
         self.copies = 0
         self.copy_bytes = 0
+        #: Set to a list to have ``forward`` append the host clock before the first launch
+        #: and after each node (with its copies): see :meth:`host_launch_seconds`.
+        self.host_clock: list[float] | None = None
+
+    def host_launch_seconds(self) -> list[tuple[str, float]]:
+        """Host seconds spent on each node (its launch and its copies) in the last forward
+        run with ``host_clock`` set, in launch order. A node far above the others blocked
+        the host (an allocator retry, a synchronising copy), which the host model ignores."""
+        clock = self.host_clock
+        if not clock or len(clock) != len(self.order) + 1:
+            raise ValueError("set host_clock = [] and run one forward before host_launch_seconds")
+        return [(n.name, b - a) for n, a, b in zip(self.order, clock, clock[1:])]
 
     # -- set-up -------------------------------------------------------------------------------
     def _launch_order(self, nodes: list[fx.Node], order: Sequence[str] | None) -> list[fx.Node]:
@@ -310,6 +323,10 @@ class PlacedModule(nn.Module):
         cuda_index = self._cuda_index
         restore = torch.cuda.current_device() if any(i is not None for i in cuda_index) else None
         current = restore
+        clock = self.host_clock
+        if clock is not None:
+            clock.clear()
+            clock.append(time.perf_counter())
         try:
             for kind, fn, args, kwargs, d, out_slot, copies, waits in self._records:
                 idx = cuda_index[d]
@@ -343,6 +360,8 @@ class PlacedModule(nn.Module):
                         ),
                         out,
                     )
+                if clock is not None:
+                    clock.append(time.perf_counter())
         finally:
             if restore is not None and current != restore:
                 torch.cuda.set_device(restore)
