@@ -173,6 +173,10 @@ def test_cat_gradients_are_made_dense_before_crossing_devices() -> None:
     cl = dense.to(memory_format=torch.channels_last)
     assert dense_for_copy(cl) is cl
     assert dense_for_copy(dense[:, :1]).is_contiguous()
+    for one_block in (dense.transpose(0, 1), dense[:1], torch.randn(4, 3, 1, 1).transpose(0, 1)):
+        assert dense_for_copy(one_block) is one_block
+    for strided in (dense[::2], dense[:, :, :1], dense.transpose(0, 1)[:2]):
+        assert dense_for_copy(strided) is not strided and dense_for_copy(strided).is_contiguous()
 
 
 def test_host_clock_times_every_launch_in_order_only_when_asked() -> None:

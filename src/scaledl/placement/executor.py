@@ -491,13 +491,23 @@ def _kwargs_getter(refs: dict[str, int | Callable[[list], Any]]) -> Callable[[li
 
 
 def dense_for_copy(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when a device-to-device copy of it is one ``cudaMemcpy`` (contiguous, also
-    channels-last), else a contiguous copy on the current stream. A strided tensor (a slice
-    of a gradient of ``torch.cat``) would otherwise cross GPUs by an elementwise kernel over
-    the peer link, several times slower than the copy engines."""
-    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
-        return t
-    return t.contiguous()
+    """``t`` itself when a device-to-device copy of it is one ``cudaMemcpy`` (its elements
+    fill one block in some dimension order: contiguous, channels-last, transposed), else a
+    contiguous copy on the current stream. A strided tensor (a slice of a gradient of
+    ``torch.cat``) would otherwise cross GPUs by an elementwise kernel over the peer link."""
+    return t if _fills_one_block(t) else t.contiguous()
+
+
+def _fills_one_block(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: ``.to`` keeps such strides and copies one block."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=itemgetter(1)):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _wait_copies(copies: Any, index: int) -> None:
