@@ -341,13 +341,13 @@ def test_cli_bench_charlm_json(capsys):
 
     code = main(
         ["optim", "bench", "--task", "charlm", "--world-size", "2", "--optimizer",
-         "local-adaalter", "--steps", "24", "--warmup-steps", "8", "--json"]
+         "local-adaalter", "--steps", "16", "--warmup-steps", "8", "--json"]
     )  # fmt: skip
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["task"] == "charlm" and out["period"] == 8 and out["lr"] == 0.4
-    # 8 synchronous warm-up steps (1x each), then 16 local steps with 2 syncs of 2x the model.
-    assert out["measured_ratio_vs_fp32"] == pytest.approx(24 / (8 + 2 * 2))
+    # 8 synchronous warm-up steps (1x each), then 8 local steps and one sync of 2x the model.
+    assert out["measured_ratio_vs_fp32"] == pytest.approx(16 / (8 + 2))
     assert out["final_perplexity"] == pytest.approx(math.exp(out["final_loss"]))
     assert out["final_loss"] < 4.0  # ln(vocabulary) ~ 4.6 at the start
     assert "final_accuracy" not in out
@@ -399,10 +399,12 @@ def test_charlm_batches_are_keyed_and_a_few_steps_lower_the_held_out_loss():
     start = task.evaluate(task.make_model(0))
     assert start["loss"] == pytest.approx(math.log(task.corpus.vocab_size), abs=0.2)
     assert start["perplexity"] == pytest.approx(math.exp(start["loss"]))
-    spec = RunSpec("local-adaalter", 0.4, period=4, warmup_steps=5, max_grad_norm=5.0)
-    (rec,) = train_task(task, [spec], steps=40, batch_size=8, eval_points=2)
-    assert [c["step"] for c in rec["curve"]] == [20, 40]
-    assert rec["final_loss"] < start["loss"] - 0.8, (start, rec["curve"])
+    spec = RunSpec("local-adaalter", 0.4, period=4, warmup_steps=5, initial_accumulator_value=0.0)
+    (rec,) = train_task(task, [spec], steps=20, batch_size=8, eval_points=2)
+    assert [c["step"] for c in rec["curve"]] == [10, 20]
+    # ~4.5 -> ~2.4 nats/char in 20 steps; a broken step or loss would stay near ln(96).
+    assert rec["curve"][1]["loss"] < rec["curve"][0]["loss"] < start["loss"] - 1.0
+    assert rec["final_loss"] < start["loss"] - 1.5, (start, rec["curve"])
     assert rec["final_bits_per_char"] == pytest.approx(rec["final_loss"] / math.log(2))
     with pytest.raises(ValueError, match="too long"):
         CharLMTask(task.corpus, seq_len=10_000)
