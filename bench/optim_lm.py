@@ -11,8 +11,14 @@ over seeds. Target (issue 5): Local AdaAlter at H = 8 within 1% of synchronous A
 
 Usage::
 
-    PYTHONPATH=src python bench/optim_lm.py            # full: 8 ranks, 2 seeds, ~10 min on 2 cores
-    PYTHONPATH=src python bench/optim_lm.py --quick    # < 2 min
+    PYTHONPATH=src python bench/optim_lm.py              # 8 ranks, 1 seed: ~10 min on 2 cores
+    PYTHONPATH=src python bench/optim_lm.py --seeds 2    # the result in docs/optim.md
+    PYTHONPATH=src python bench/optim_lm.py --quick      # 4 ranks, one lr, 60 steps: < 1 min
+
+``--no-sgd``, ``--periods``, ``--ada-warmup``, ``--initial-accumulator`` and ``--update-clip``
+rerun parts of it for diagnosis (the synchronous AdaGrad/AdaAlter baselines always run with
+the same settings as Local AdaAlter). ``--device`` defaults to CUDA when present (the ranks
+still communicate over gloo).
 
 Needs only torch (the corpus is the running Python's standard library; its SHA-256 and the
 Python version go into the JSON, since the text differs between Python versions).
