@@ -333,9 +333,9 @@ def main() -> None:
     ap.add_argument(
         "--offset-radius",
         type=int,
-        default=1,
+        default=0,
         help="RECIST-Net offsets trained within this many cells of each peak and decoded by "
-        "a vote over them (0: peak-only offsets, the ablation)",
+        "a vote over them (default 0: peak-only offsets, as CenterNet)",
     )
     ap.add_argument("--workers", type=int, default=None, help="data generation processes")
     ap.add_argument("--seed", type=int, default=0)

@@ -193,7 +193,9 @@ def _shifted_decode(
 
 
 def test_neighbourhood_offsets_undo_a_peak_one_cell_off():
-    t = encode_targets([lesion_points(40.3, 50.7, 20, 9, 25)[None]], (128, 128), 2)
+    one = [lesion_points(40.3, 50.7, 20, 9, 25)[None]]
+    assert len(encode_targets(one, (128, 128), 2)["offset_cells"]) == 5  # default: the peaks
+    t = encode_targets(one, (128, 128), 2, offset_radius=1)
     assert len(t["peaks"]) == 5 and len(t["offset_cells"]) == 5 * 9  # the 3×3 around each
     assert t["offset_targets"].min() >= -1 and t["offset_targets"].max() < 2
     # CenterNet's peak-only offsets: a peak one cell off decodes one cell (2 px) off
