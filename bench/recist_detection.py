@@ -17,7 +17,7 @@ layers 1-3 (what ``resnet_fpn_feature_extractor`` builds, assembled here without
 torchvision's ``IntermediateLayerGetter``); anchors are matched with MONAI's ATSS matcher and
 sampled with its hard-negative sampler, so the baseline also runs where torchvision is absent.
 
-    PYTHONPATH=src python bench/recist_detection.py            # full: CUDA, <= 5 min on an H100
+    PYTHONPATH=src python bench/recist_detection.py            # full: CUDA, about 5.5 min
     PYTHONPATH=src python bench/recist_detection.py --quick    # CPU smoke run, < 2 min
 """
 
