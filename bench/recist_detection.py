@@ -337,6 +337,12 @@ def main() -> None:
         help="RECIST-Net offsets trained within this many cells of each peak and decoded by "
         "a vote over them (default 0: peak-only offsets, as CenterNet)",
     )
+    ap.add_argument(
+        "--min-overlap",
+        type=float,
+        default=0.7,
+        help="RECIST-Net Gaussian radius parameter (CornerNet's 0.7; larger = sharper targets)",
+    )
     ap.add_argument("--workers", type=int, default=None, help="data generation processes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
@@ -381,9 +387,12 @@ def main() -> None:
     # --- RECIST-Net
     model = RECISTNet(
         width=cfg["width"], stride=cfg["stride"], center_mode=args.center_mode,
-        offset_radius=args.offset_radius,
+        offset_radius=args.offset_radius, min_overlap=args.min_overlap,
     )  # fmt: skip
-    cfg["center_mode"], cfg["offset_radius"] = args.center_mode, args.offset_radius
+    cfg.update(
+        center_mode=args.center_mode, offset_radius=args.offset_radius,
+        min_overlap=args.min_overlap,
+    )  # fmt: skip
     rn_losses, t_rn = _timed(
         lambda: train_recist(
             model, train, steps=cfg["steps"], batch_size=cfg["batch"], lr=cfg["lr"],
