@@ -64,6 +64,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--models", nargs="+", choices=list(MODEL_NAMES), help="rows to train (default: all)"
     )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["fixed", "nearest", "ensemble"],
+        default=["fixed", "nearest", "ensemble"],
+        help="template modes evaluated for the template models (each adds a full evaluation)",
+    )
+    p.add_argument(
+        "--severities",
+        type=int,
+        nargs="+",
+        choices=list(SEVERITIES),
+        help="corruption severities evaluated (default: all; quick: 3)",
+    )
     p.add_argument("--lungs", default="auto", choices=["auto", "torchxrayvision", "parametric"])
     p.add_argument("--workers", type=int, help="processes computing HD95 (default: CPUs - 2)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -141,7 +155,8 @@ def main() -> None:
     splits = synthetic_cxr_splits(args.size, args.n_train, 0, args.n_test, seed=0, lungs=source)
     train, test = splits["train"], splits["test"]
     k, names = train.num_classes, list(train.class_names)
-    sets = test_sets(test, (3,) if args.quick else SEVERITIES)  # quick: strongest only
+    severities = args.severities or ((3,) if args.quick else SEVERITIES)  # quick: strongest
+    sets = test_sets(test, tuple(severities))
     t_data = time.perf_counter() - t_start
     print(
         f"data: {len(train)} train / {len(test)} test at {args.size}², lungs={source}, "
@@ -171,9 +186,7 @@ def main() -> None:
                     f"loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}",
                     flush=True,
                 )
-                modes = (
-                    ["fixed", "nearest", "ensemble"] if isinstance(model, ShapePriorNet) else ["-"]
-                )
+                modes = list(args.modes) if isinstance(model, ShapePriorNet) else ["-"]
                 for mode in modes:
                     row = model_name if mode == "-" else f"{model_name} / {mode}"
                     for cond, imgs in sets.items():
@@ -183,7 +196,18 @@ def main() -> None:
                         pred = probs.argmax(1).numpy()
                         pending[(row, seed, cond)] = submit_metrics(pool, pred, test.labels, k)
                 model.cpu()
-        results = {key: gather(futs) for key, futs in pending.items()}
+        # HD95 runs on the CPU workers while the GPU predicts; report how far it has got, so a
+        # run cut short by a time limit shows where the time went.
+        results = {}
+        t_eval = time.perf_counter()
+        for i, (key, futs) in enumerate(pending.items(), 1):
+            results[key] = gather(futs)
+            if i % max(1, len(pending) // 10) == 0 or i == len(pending):
+                print(
+                    f"metrics {i}/{len(pending)} conditions done "
+                    f"({time.perf_counter() - t_eval:.0f} s after the last prediction)",
+                    flush=True,
+                )
     report(args, results, names, list(sets), train_s, source, time.perf_counter() - t_start)
 
 
