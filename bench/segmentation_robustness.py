@@ -6,8 +6,10 @@ evaluated per class on the clean test set and on every corruption x severity: Di
 (a missed structure scores the image diagonal) and the robustness gap clean - corrupted.
 Rows: BasicUNet (no template); ShapePriorNet with dense skip attention only (no label prior,
 the design whose decoder learns to ignore the template); ShapePriorNet with the label prior
-(prior-conditioned decoding) and prototype or dense skip attention; each ShapePriorNet under the
-fixed (medoid), nearest and ensemble(5) template modes. Mean +- std over seeds.
+(prior-conditioned decoding) and prototype or dense skip attention; with the label prior from a
+global robust affine alignment of the template (``+affine``) or both priors mixed (``+both``);
+each ShapePriorNet under the fixed (medoid), nearest and ensemble(5) template modes. Mean +- std
+over seeds.
 
     PYTHONPATH=src python bench/segmentation_robustness.py --seeds 1  # one GPU, ~5 min
     PYTHONPATH=src python bench/segmentation_robustness.py --quick    # CPU check, < 2 min
@@ -96,7 +98,14 @@ def parse_args() -> argparse.Namespace:
 
 
 #: Benchmark rows: the baseline first.
-MODEL_NAMES = ("BasicUNet", "SPN-dense-noprior", "SPN-prototype+prior", "SPN-dense+prior")
+MODEL_NAMES = (
+    "BasicUNet",
+    "SPN-dense-noprior",
+    "SPN-prototype+prior",
+    "SPN-dense+prior",
+    "SPN-dense+affine",
+    "SPN-dense+both",
+)
 
 
 def build_models(
@@ -113,6 +122,14 @@ def build_models(
         ),
         "SPN-prototype+prior": lambda: ShapePriorNet(k, attention="prototype", **spn),
         "SPN-dense+prior": lambda: ShapePriorNet(k, attention="dense", dense_scales=2, **spn),
+        # label prior from a global robust affine alignment of the template (alone / mixed 1:1
+        # with the per-pixel label transfer)
+        "SPN-dense+affine": lambda: ShapePriorNet(
+            k, attention="dense", dense_scales=2, prior="affine", **spn
+        ),
+        "SPN-dense+both": lambda: ShapePriorNet(
+            k, attention="dense", dense_scales=2, prior="both", **spn
+        ),
     }
     if "BasicUNet" not in names:
         raise ValueError("--models must include the baseline BasicUNet")

@@ -11,10 +11,14 @@ import torch
 from scaledl.medical.shape_prior import (
     ATTENTIONS,
     FUSIONS,
+    PRIORS,
     ShapePriorNet,
     dense_attention,
+    estimate_affine,
     max_attention,
+    pixel_centres,
     prototype_attention,
+    warp_masks,
     with_background,
 )
 
@@ -176,6 +180,10 @@ def test_predict_proba_averages_templates():
         ({"prior_pool": 0}, "prior_pool"),
         ({"logit_bound": -1.0}, "logit_bound"),
         ({"prior_eps": 0.0}, "prior_eps"),
+        ({"prior": "warp"}, "prior"),
+        ({"prior": "affine", "align_tau": 0.0}, "align_tau"),
+        ({"prior": "affine", "align_iterations": -1}, "align_iterations"),
+        ({"prior": "both", "align_scale": 0.0}, "align_scale"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
@@ -277,3 +285,120 @@ def test_from_pretrained_keeps_the_label_prior_setting(tmp_path):
         cfg.pop(key)
     cfg_path.write_text(json.dumps(cfg))
     assert not ShapePriorNet.from_pretrained(tmp_path / "False").has_label_prior
+
+
+def _affine_pair(seed: int = 0, b: int = 2, c: int = 16, size: int = 16):
+    """Smooth random template features and the image they give under a known affine map."""
+    g = torch.Generator().manual_seed(seed)
+    tfeat = torch.randn(b, c, size, size, generator=g)
+    tfeat = torch.nn.functional.avg_pool2d(
+        torch.nn.functional.pad(tfeat, (1, 1, 1, 1), mode="replicate"), 3, 1
+    )
+    ang = math.radians(8)
+    theta = torch.tensor(
+        [[1.1 * math.cos(ang), -math.sin(ang), 0.08], [math.sin(ang), 0.95 * math.cos(ang), -0.05]]
+    ).expand(b, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, [b, c, size, size], align_corners=False)
+    feat = torch.nn.functional.grid_sample(tfeat, grid, padding_mode="border", align_corners=False)
+    return feat, tfeat, theta
+
+
+def test_pixel_centres_match_affine_grid():
+    grid = torch.nn.functional.affine_grid(torch.eye(2, 3)[None], [1, 1, 3, 5], align_corners=False)
+    torch.testing.assert_close(pixel_centres(3, 5, grid), grid.reshape(-1, 2))
+
+
+def test_estimate_affine_recovers_a_known_transform():
+    feat, tfeat, theta = _affine_pair()
+    torch.testing.assert_close(estimate_affine(feat, tfeat), theta, atol=0.05, rtol=0)
+    # identical inputs give the identity (up to the soft-argmax's pull towards the centre)
+    ident = estimate_affine(tfeat, tfeat, tau=200.0)
+    torch.testing.assert_close(ident, torch.eye(2, 3).expand(2, 2, 3), atol=0.02, rtol=0)
+
+
+def test_estimate_affine_ignores_an_occluded_region():
+    feat, tfeat, theta = _affine_pair()
+    occluded = feat.clone()
+    occluded[:, :, 2:9, 2:9] = torch.randn(2, 16, 7, 7, generator=torch.Generator().manual_seed(1))
+    robust, weights = estimate_affine(occluded, tfeat, return_weights=True)
+    plain = estimate_affine(occluded, tfeat, iterations=0)
+    err_robust = (robust - theta).abs().max()
+    assert err_robust < 0.05
+    assert err_robust < 0.5 * (plain - theta).abs().max()  # reweighting removes the outliers
+    assert weights.shape == (2, 16, 16)
+    torch.testing.assert_close(weights.sum((1, 2)), torch.ones(2))
+    assert weights[:, 3:8, 3:8].mean() < 0.2 * weights[:, 10:, 10:].mean()
+
+
+def test_estimate_affine_gradients_and_bad_arguments():
+    feat, tfeat, _ = _affine_pair()
+    feat.requires_grad_(True)
+    tfeat.requires_grad_(True)
+    theta = estimate_affine(feat, tfeat)
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[:, :, 4:12, 4:12] = 1
+    warped = warp_masks(masks, theta, (32, 32))
+    assert warped.shape == (2, 1, 32, 32)
+    warped.sum().backward()
+    for g in (feat.grad, tfeat.grad):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    for kwargs, message in (
+        ({"iterations": -1}, "iterations"),
+        ({"scale": 0.0}, "scale"),
+        ({"ridge": 0.0}, "ridge"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            estimate_affine(feat, tfeat, **kwargs)
+    with pytest.raises(ValueError, match="feat and tfeat"):
+        estimate_affine(feat, tfeat[:, :8])
+
+
+def test_warp_masks_with_identity_and_shift():
+    masks = torch.zeros(1, 2, 8, 8)
+    masks[0, 0, 2:5, 1:4] = 1
+    masks[0, 1, 5:7, 5:8] = 1
+    ident = torch.eye(2, 3)[None]
+    torch.testing.assert_close(warp_masks(masks, ident, (8, 8)), masks)
+    shift = ident.clone()
+    shift[0, 0, 2] = 2 / 8  # sample one pixel to the right: the masks move one pixel left
+    torch.testing.assert_close(warp_masks(masks, shift, (8, 8))[..., :-1], masks[..., 1:])
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+def test_every_label_prior_is_a_distribution_with_gradients(prior):
+    net = ShapePriorNet(3, features=TINY, prior=prior)
+    x, t, m = _inputs()
+    logits, p = net.forward_with_prior(x, t, m)
+    assert p.shape == (2, 4, 32, 32) and logits.shape == (2, 4, 32, 32)
+    torch.testing.assert_close(p.sum(1), torch.ones(2, 32, 32))
+    assert (p >= 0).all()
+    (logits.square().mean() + p.square().mean()).backward()
+    for name, param in net.named_parameters():
+        assert param.grad is not None, name
+    assert (net.log_prior_tau is None) is (prior == "affine")
+    assert sum(q.grad.abs().sum() for q in net.prior_matcher.parameters()) > 0
+
+
+def test_affine_prior_warps_the_full_resolution_masks():
+    net = ShapePriorNet(3, features=TINY, prior="affine", prior_pool=2).eval()
+    x, t, m = _inputs(b=1)
+    with torch.no_grad():
+        emb, temb = net.prior_matcher(x), net.prior_matcher(t)
+        theta = net.align(emb, temb)
+        prior = net.label_prior_map(emb, t, m, x.shape[-2:])
+    torch.testing.assert_close(prior, with_background(warp_masks(m, theta, (32, 32))))
+    # the template aligned with itself keeps (nearly) its own full-resolution labels
+    with torch.no_grad():
+        net.align_tau = 1e4
+        self_prior = net.label_prior_map(temb, t, m, (32, 32))
+    assert (self_prior.argmax(1) == with_background(m).argmax(1)).float().mean() > 0.95
+
+
+def test_from_pretrained_keeps_the_prior_kind(tmp_path):
+    x, t, m = _inputs(b=1)
+    net = ShapePriorNet(3, features=TINY, prior="both", align_scale=0.2).eval()
+    net.save_pretrained(tmp_path)
+    back = ShapePriorNet.from_pretrained(tmp_path).eval()
+    assert back.prior == "both" and back.align_scale == 0.2
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t, m), net(x, t, m))

@@ -43,6 +43,7 @@ from torch import nn
 
 ATTENTIONS = ("prototype", "dense", "max")
 FUSIONS = ("concat", "gate", "both")
+PRIORS = ("attention", "affine", "both")
 
 
 def prototype_attention(
@@ -83,6 +84,82 @@ def max_attention(feat: torch.Tensor, tfeat: torch.Tensor, masks: torch.Tensor) 
     best = sim.masked_fill(~inside, -math.inf).amax(dim=-1)  # (B, K, hw)
     best = torch.where(inside.any(-1), best, torch.zeros_like(best))
     return best.reshape(b, masks.shape[1], h, w)
+
+
+def pixel_centres(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """(h*w, 2) pixel-centre positions (x, y) in the normalised frame of ``affine_grid`` /
+    ``grid_sample`` with ``align_corners=False``, row-major (the order of ``flatten(2)``)."""
+    ys = (2 * torch.arange(h, device=like.device, dtype=like.dtype) + 1) / h - 1
+    xs = (2 * torch.arange(w, device=like.device, dtype=like.dtype) + 1) / w - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.flatten(), yy.flatten()], -1)
+
+
+def estimate_affine(
+    feat: torch.Tensor,
+    tfeat: torch.Tensor,
+    tau: torch.Tensor | float = 50.0,
+    iterations: int = 5,
+    scale: float = 0.1,
+    ridge: float = 1e-3,
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Global affine alignment of a template to an image from dense cosine correspondences.
+
+    Every image position x is matched to the template by a soft-argmax over the cosine
+    similarity, q(x) = Σ_y softmax_y(τ S(x, y)) y, with confidence c(x) = max_y softmax_y(...)
+    (a peaked match). The affine map x -> A x + t is fitted to the pairs (x, q(x)) by iteratively
+    reweighted least squares: weights c(x) / (1 + |r(x)|² / scale²) (Cauchy), so positions whose
+    match disagrees with the global transform (an occluder, a corrupted region) drop out and the
+    visible anatomy fixes the transform. A small ridge pulls towards the identity, so the system
+    stays solvable when every weight vanishes. Differentiable throughout.
+
+    feat: (B, C, h, w) image features; tfeat: (B, C, h', w') template features. Returns theta
+    (B, 2, 3) in ``affine_grid``'s convention (``align_corners=False``): template position
+    (x', y') = theta @ (x, y, 1) for image position (x, y), both in [-1, 1]; with
+    ``return_weights`` also the final IRLS weights (B, h, w), normalised to sum 1.
+    """
+    if feat.ndim != 4 or tfeat.ndim != 4 or feat.shape[:2] != tfeat.shape[:2]:
+        raise ValueError(
+            f"feat and tfeat must be (B, C, h, w) with equal B and C, got "
+            f"{tuple(feat.shape)} and {tuple(tfeat.shape)}"
+        )
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if ridge <= 0:
+        raise ValueError(f"ridge must be positive, got {ridge}")
+    b, _, h, w = feat.shape
+    match = torch.softmax(tau * _pairwise_cosine(feat, tfeat), dim=-1)  # (B, hw, h'w')
+    q = match @ pixel_centres(*tfeat.shape[-2:], tfeat)  # (B, hw, 2) soft-argmax positions
+    conf = match.amax(-1)  # (B, hw)
+    pos = pixel_centres(h, w, feat)
+    x = torch.cat([pos, torch.ones_like(pos[:, :1])], -1).expand(b, -1, -1)  # (B, hw, 3)
+    eye = torch.eye(3, 2, device=feat.device, dtype=feat.dtype)  # identity map, (3, 2)
+    reg = ridge * torch.eye(3, device=feat.device, dtype=feat.dtype)
+    weights = conf
+    for it in range(iterations + 1):
+        wn = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+        xw = x * wn[..., None]
+        coef = torch.linalg.solve(
+            xw.transpose(1, 2) @ x + reg, xw.transpose(1, 2) @ q + ridge * eye
+        )
+        if it == iterations:
+            break
+        r2 = ((x @ coef - q) ** 2).sum(-1)
+        weights = conf / (1 + r2 / scale**2)
+    theta = coef.transpose(1, 2)  # (B, 2, 3)
+    if return_weights:
+        return theta, wn.reshape(b, h, w)
+    return theta
+
+
+def warp_masks(masks: torch.Tensor, theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resample (B, K, H, W) template masks at theta @ (x, y, 1) for every output position of
+    ``size`` (bilinear; outside the template counts as empty). Differentiable in theta."""
+    grid = F.affine_grid(theta, [masks.shape[0], masks.shape[1], *size], align_corners=False)
+    return F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class _Encoder(nn.Module):
@@ -193,6 +270,12 @@ class ShapePriorNet(nn.Module):
         prior_weight: initial weight β of log P (learned).
         logit_bound: bound c on the decoder's logits, c·tanh(z / c); 0 leaves them unbounded.
         prior_eps: floor ε of P inside the log.
+        prior: how the template's labels reach the image. ``"attention"`` (default): per-pixel
+            dense label transfer. ``"affine"``: one global affine transform per image, fitted
+            to the dense matches by robust (IRLS) least squares (:func:`estimate_affine`),
+            warps the full-resolution template masks. ``"both"``: the mean of the two.
+        align_tau, align_iterations, align_scale: soft-argmax temperature (fixed), IRLS
+            iterations and Cauchy residual scale (normalised coordinates) of the alignment.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -218,6 +301,10 @@ class ShapePriorNet(nn.Module):
         prior_weight: float = 1.0,
         logit_bound: float = 3.0,
         prior_eps: float = 1e-3,
+        prior: str = "attention",
+        align_tau: float = 50.0,
+        align_iterations: int = 5,
+        align_scale: float = 0.1,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -241,6 +328,14 @@ class ShapePriorNet(nn.Module):
             raise ValueError(f"logit_bound must be >= 0, got {logit_bound}")
         if not 0 < prior_eps < 1:
             raise ValueError(f"prior_eps must be in (0, 1), got {prior_eps}")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        if align_tau <= 0:
+            raise ValueError(f"align_tau must be positive, got {align_tau}")
+        if align_iterations < 0:
+            raise ValueError(f"align_iterations must be >= 0, got {align_iterations}")
+        if align_scale <= 0:
+            raise ValueError(f"align_scale must be positive, got {align_scale}")
         # constructor arguments, saved by save_pretrained so from_pretrained can rebuild the net
         self.config = {
             "num_classes": num_classes,
@@ -260,6 +355,10 @@ class ShapePriorNet(nn.Module):
             "prior_weight": prior_weight,
             "logit_bound": logit_bound,
             "prior_eps": prior_eps,
+            "prior": prior,
+            "align_tau": align_tau,
+            "align_iterations": align_iterations,
+            "align_scale": align_scale,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -297,11 +396,20 @@ class ShapePriorNet(nn.Module):
         self.head = nn.Conv2d(f[0], num_classes + 1, kernel_size=1)
         self.logit_bound = logit_bound
         self.prior_eps = prior_eps
+        self.prior = prior
+        self.align_tau = align_tau
+        self.align_iterations = align_iterations
+        self.align_scale = align_scale
         if label_prior:
             self.prior_matcher = PriorMatcher(
                 in_channels, prior_pool, prior_features, prior_dim, blk
             )
-            self.log_prior_tau = nn.Parameter(torch.tensor(math.log(tau)))
+            # τ of the label transfer exists only where the transfer is used (every parameter
+            # receives a gradient)
+            if prior == "affine":
+                self.register_parameter("log_prior_tau", None)
+            else:
+                self.log_prior_tau = nn.Parameter(torch.tensor(math.log(tau)))
             self.prior_weight = nn.Parameter(torch.tensor(float(prior_weight)))
         else:
             self.prior_matcher = None
@@ -372,11 +480,34 @@ class ShapePriorNet(nn.Module):
         ``image_embedding`` is ``prior_matcher(image)``; background is channel 0.
         """
         temb = self.prior_matcher(template)
-        m = with_background(F.adaptive_avg_pool2d(template_masks.to(temb.dtype), temb.shape[-2:]))
-        p = dense_attention(image_embedding, temb, m, self.log_prior_tau.exp())
-        # contiguous: the attention output is a transposed view, which interpolate's backward
-        # does not accept
-        return F.interpolate(p.contiguous(), size=tuple(size), mode="bilinear", align_corners=False)
+        masks = template_masks.to(temb.dtype)
+        priors = []
+        if self.prior in ("attention", "both"):
+            m = with_background(F.adaptive_avg_pool2d(masks, temb.shape[-2:]))
+            p = dense_attention(image_embedding, temb, m, self.log_prior_tau.exp())
+            # contiguous: the attention output is a transposed view, which interpolate's
+            # backward does not accept
+            priors.append(
+                F.interpolate(
+                    p.contiguous(), size=tuple(size), mode="bilinear", align_corners=False
+                )
+            )
+        if self.prior in ("affine", "both"):
+            theta = self.align(image_embedding, temb)
+            priors.append(with_background(warp_masks(masks, theta, tuple(size))))
+        return priors[0] if len(priors) == 1 else sum(priors) / len(priors)
+
+    def align(
+        self, image_embedding: torch.Tensor, template_embedding: torch.Tensor
+    ) -> torch.Tensor:
+        """The global affine template -> image alignment (B, 2, 3) of :func:`estimate_affine`."""
+        return estimate_affine(
+            image_embedding,
+            template_embedding,
+            self.align_tau,
+            self.align_iterations,
+            self.align_scale,
+        )
 
     def combine(self, logits: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         """Product of experts: c·tanh(z / c) + β·log max(P, ε) (just z without a prior)."""
