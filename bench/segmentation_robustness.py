@@ -61,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, help="training iterations (default 1000; quick 25)")
     p.add_argument("--batch", type=int, help="batch size (default 16; quick 4)")
     p.add_argument("--seeds", type=int, help="training seeds (default 3; quick 1)")
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ..."
+    )
     p.add_argument("--features", type=int, nargs=5, help="encoder widths")
     p.add_argument("--fusion", default="gate", choices=["concat", "gate", "both"])
     p.add_argument(
@@ -79,6 +82,9 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         choices=list(SEVERITIES),
         help="corruption severities evaluated (default: all; quick: 3)",
+    )
+    p.add_argument(
+        "--align-blur", type=float, default=0.06, help="align_blur of the +affine/+both rows"
     )
     p.add_argument("--lungs", default="auto", choices=["auto", "torchxrayvision", "parametric"])
     p.add_argument("--workers", type=int, help="processes computing HD95 (default: CPUs - 2)")
@@ -109,7 +115,7 @@ MODEL_NAMES = (
 
 
 def build_models(
-    features: list[int], k: int, fusion: str, names=MODEL_NAMES
+    features: list[int], k: int, fusion: str, names=MODEL_NAMES, align_blur: float = 0.06
 ) -> dict[str, torch.nn.Module]:
     """The same 5-stage backbone without a template (MONAI BasicUNet) and with one."""
     from monai.networks.nets import BasicUNet
@@ -125,10 +131,10 @@ def build_models(
         # label prior from a global robust affine alignment of the template (alone / mixed 1:1
         # with the per-pixel label transfer)
         "SPN-dense+affine": lambda: ShapePriorNet(
-            k, attention="dense", dense_scales=2, prior="affine", **spn
+            k, attention="dense", dense_scales=2, prior="affine", align_blur=align_blur, **spn
         ),
         "SPN-dense+both": lambda: ShapePriorNet(
-            k, attention="dense", dense_scales=2, prior="both", **spn
+            k, attention="dense", dense_scales=2, prior="both", align_blur=align_blur, **spn
         ),
     }
     if "BasicUNet" not in names:
@@ -187,10 +193,12 @@ def main() -> None:
     with ProcessPoolExecutor(
         max_workers=args.workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)
     ) as pool:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             torch.manual_seed(seed)
             bank = TemplateBank(train, device=args.device)
-            models = build_models(args.features, k, args.fusion, args.models or MODEL_NAMES)
+            models = build_models(
+                args.features, k, args.fusion, args.models or MODEL_NAMES, args.align_blur
+            )
             for model_name, model in models.items():
                 cfg = TrainConfig(iterations=args.iters, batch_size=args.batch, seed=seed)
                 t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from scaledl.medical.shape_prior import (
     ShapePriorNet,
     dense_attention,
     estimate_affine,
+    gaussian_blur,
     max_attention,
     pixel_centres,
     prototype_attention,
@@ -184,6 +185,7 @@ def test_predict_proba_averages_templates():
         ({"prior": "affine", "align_tau": 0.0}, "align_tau"),
         ({"prior": "affine", "align_iterations": -1}, "align_iterations"),
         ({"prior": "both", "align_scale": 0.0}, "align_scale"),
+        ({"prior": "affine", "align_blur": -0.1}, "align_blur"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
@@ -380,16 +382,21 @@ def test_every_label_prior_is_a_distribution_with_gradients(prior):
 
 
 def test_affine_prior_warps_the_full_resolution_masks():
-    net = ShapePriorNet(3, features=TINY, prior="affine", prior_pool=2).eval()
+    net = ShapePriorNet(3, features=TINY, prior="affine", prior_pool=2, align_blur=0.0).eval()
     x, t, m = _inputs(b=1)
     with torch.no_grad():
         emb, temb = net.prior_matcher(x), net.prior_matcher(t)
         theta = net.align(emb, temb)
         prior = net.label_prior_map(emb, t, m, x.shape[-2:])
-    torch.testing.assert_close(prior, with_background(warp_masks(m, theta, (32, 32))))
+        torch.testing.assert_close(prior, with_background(warp_masks(m, theta, (32, 32))))
+        net.align_blur = 0.1  # σ = 3.2 px at 32²
+        blurred = net.label_prior_map(emb, t, m, x.shape[-2:])
+    expected = with_background(gaussian_blur(warp_masks(m, theta, (32, 32)), 3.2))
+    torch.testing.assert_close(blurred, expected)
+    torch.testing.assert_close(blurred.sum(1), torch.ones(1, 32, 32))
     # the template aligned with itself keeps (nearly) its own full-resolution labels
     with torch.no_grad():
-        net.align_tau = 1e4
+        net.align_tau, net.align_blur = 1e4, 0.0
         self_prior = net.label_prior_map(temb, t, m, (32, 32))
     assert (self_prior.argmax(1) == with_background(m).argmax(1)).float().mean() > 0.95
 
@@ -402,3 +409,17 @@ def test_from_pretrained_keeps_the_prior_kind(tmp_path):
     assert back.prior == "both" and back.align_scale == 0.2
     with torch.no_grad():
         torch.testing.assert_close(back(x, t, m), net(x, t, m))
+
+
+def test_gaussian_blur_keeps_mass_and_matches_a_hand_kernel():
+    x = torch.zeros(1, 2, 15, 15)
+    x[0, 0, 7, 7] = 1.0
+    x[0, 1, 3:12, 3:12] = 1.0
+    y = gaussian_blur(x, 1.0)
+    torch.testing.assert_close(y.sum((2, 3)), x.sum((2, 3)), atol=1e-4, rtol=0)
+    k = torch.exp(-0.5 * torch.arange(-3.0, 4.0) ** 2)
+    k = k / k.sum()
+    torch.testing.assert_close(y[0, 0, 4:11, 4:11], k[:, None] * k[None, :])
+    assert gaussian_blur(x, 0.0) is x
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_blur(x, -1.0)

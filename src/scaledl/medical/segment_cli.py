@@ -102,6 +102,7 @@ def _train(args: argparse.Namespace) -> None:
         fusion=args.fusion,
         share_weights=args.share_weights,
         label_prior=not args.no_label_prior,
+        prior=args.prior,
     )
     cfg = TrainConfig(iterations=args.iters, batch_size=args.batch, lr=args.lr, seed=args.seed)
     losses = train_segmenter(
@@ -239,6 +240,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--no-label-prior",
         action="store_true",
         help="skip attention only, no template-label prior at the output (less robust)",
+    )
+    t.add_argument(
+        "--prior",
+        default="attention",
+        choices=["attention", "affine", "both"],
+        help="label prior: per-pixel label transfer, a global robust affine alignment of the "
+        "template, or the mean of both",
     )
     t.set_defaults(func=_train)
 

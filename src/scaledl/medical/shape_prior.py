@@ -162,6 +162,21 @@ def warp_masks(masks: torch.Tensor, theta: torch.Tensor, size: Sequence[int]) ->
     return F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) maps, sigma in pixels, zero padding (outside the
+    image counts as empty); sigma 0 returns x."""
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return x
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, r), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(r, 0), groups=c)
+
+
 class _Encoder(nn.Module):
     """Five-stage U-Net encoder: TwoConv then four (max-pool + TwoConv) stages."""
 
@@ -276,6 +291,9 @@ class ShapePriorNet(nn.Module):
             warps the full-resolution template masks. ``"both"``: the mean of the two.
         align_tau, align_iterations, align_scale: soft-argmax temperature (fixed), IRLS
             iterations and Cauchy residual scale (normalised coordinates) of the alignment.
+        align_blur: Gaussian σ, as a fraction of the image height, applied to the warped
+            masks: an affine map cannot match every shape, so the aligned template is
+            confident inside structures and soft near their boundaries (0: hard masks).
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -305,6 +323,7 @@ class ShapePriorNet(nn.Module):
         align_tau: float = 50.0,
         align_iterations: int = 5,
         align_scale: float = 0.1,
+        align_blur: float = 0.06,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -336,6 +355,8 @@ class ShapePriorNet(nn.Module):
             raise ValueError(f"align_iterations must be >= 0, got {align_iterations}")
         if align_scale <= 0:
             raise ValueError(f"align_scale must be positive, got {align_scale}")
+        if not 0 <= align_blur < 1:
+            raise ValueError(f"align_blur must be in [0, 1), got {align_blur}")
         # constructor arguments, saved by save_pretrained so from_pretrained can rebuild the net
         self.config = {
             "num_classes": num_classes,
@@ -359,6 +380,7 @@ class ShapePriorNet(nn.Module):
             "align_tau": align_tau,
             "align_iterations": align_iterations,
             "align_scale": align_scale,
+            "align_blur": align_blur,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -400,6 +422,7 @@ class ShapePriorNet(nn.Module):
         self.align_tau = align_tau
         self.align_iterations = align_iterations
         self.align_scale = align_scale
+        self.align_blur = align_blur
         if label_prior:
             self.prior_matcher = PriorMatcher(
                 in_channels, prior_pool, prior_features, prior_dim, blk
@@ -494,7 +517,9 @@ class ShapePriorNet(nn.Module):
             )
         if self.prior in ("affine", "both"):
             theta = self.align(image_embedding, temb)
-            priors.append(with_background(warp_masks(masks, theta, tuple(size))))
+            warped = warp_masks(masks, theta, tuple(size))
+            warped = gaussian_blur(warped, self.align_blur * size[0])
+            priors.append(with_background(warped))
         return priors[0] if len(priors) == 1 else sum(priors) / len(priors)
 
     def align(
