@@ -111,6 +111,7 @@ MODEL_NAMES = (
     "SPN-dense+prior",
     "SPN-dense+affine",
     "SPN-dense+both",
+    "SPN-dense+affine-gated",
 )
 
 
@@ -132,6 +133,15 @@ def build_models(
         # with the per-pixel label transfer)
         "SPN-dense+affine": lambda: ShapePriorNet(
             k, attention="dense", dense_scales=2, prior="affine", align_blur=align_blur, **spn
+        ),
+        "SPN-dense+affine-gated": lambda: ShapePriorNet(
+            k,
+            attention="dense",
+            dense_scales=2,
+            prior="affine",
+            align_blur=align_blur,
+            evidence_gate=True,
+            **spn,
         ),
         "SPN-dense+both": lambda: ShapePriorNet(
             k, attention="dense", dense_scales=2, prior="both", align_blur=align_blur, **spn

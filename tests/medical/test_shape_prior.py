@@ -423,3 +423,38 @@ def test_gaussian_blur_keeps_mass_and_matches_a_hand_kernel():
     assert gaussian_blur(x, 0.0) is x
     with pytest.raises(ValueError, match="sigma"):
         gaussian_blur(x, -1.0)
+
+
+def test_inlier_factor_flags_the_occluded_region():
+    feat, tfeat, _ = _affine_pair()
+    occluded = feat.clone()
+    occluded[:, :, 2:9, 2:9] = torch.randn(2, 16, 7, 7, generator=torch.Generator().manual_seed(1))
+    theta, inliers = estimate_affine(occluded, tfeat, return_inliers=True)
+    assert inliers.shape == (2, 16, 16) and ((inliers > 0) & (inliers <= 1)).all()
+    assert inliers[:, 3:8, 3:8].mean() < 0.5 * inliers[:, 10:, 10:].mean()
+    theta2, weights, inliers2 = estimate_affine(
+        occluded, tfeat, return_weights=True, return_inliers=True
+    )
+    torch.testing.assert_close(theta2, theta)
+    torch.testing.assert_close(inliers2, inliers)
+    assert weights.shape == inliers.shape
+
+
+def test_evidence_gate_scales_the_decoder_logits():
+    x, t, m = _inputs(b=1)
+    net = ShapePriorNet(3, features=TINY, prior="affine", evidence_gate=True).eval()
+    with torch.no_grad():
+        emb = net.prior_matcher(x)
+        prior, gate = net.label_prior_map(emb, t, m, x.shape[-2:], return_gate=True)
+    assert gate.shape == (1, 1, 32, 32) and ((gate >= 0) & (gate <= 1)).all()
+    z = torch.randn(1, 4, 32, 32)
+    expected = gate * 3.0 * torch.tanh(z / 3.0) + torch.log(prior.clamp_min(1e-3))
+    torch.testing.assert_close(net.combine(z, prior, gate), expected)
+    logits, _ = net.forward_with_prior(x, t, m)
+    logits.mean().backward()  # the gate is differentiable: the matcher gets gradients
+    assert all(p.grad is not None for p in net.prior_matcher.parameters())
+    plain = ShapePriorNet(3, features=TINY, prior="affine").eval()
+    with torch.no_grad():
+        assert plain.label_prior_map(emb, t, m, (32, 32), return_gate=True)[1] is None
+    with pytest.raises(ValueError, match="evidence_gate"):
+        ShapePriorNet(3, features=TINY, evidence_gate=True)

@@ -103,7 +103,8 @@ def estimate_affine(
     scale: float = 0.1,
     ridge: float = 1e-3,
     return_weights: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_inliers: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Global affine alignment of a template to an image from dense cosine correspondences.
 
     Every image position x is matched to the template by a soft-argmax over the cosine
@@ -117,7 +118,9 @@ def estimate_affine(
     feat: (B, C, h, w) image features; tfeat: (B, C, h', w') template features. Returns theta
     (B, 2, 3) in ``affine_grid``'s convention (``align_corners=False``): template position
     (x', y') = theta @ (x, y, 1) for image position (x, y), both in [-1, 1]; with
-    ``return_weights`` also the final IRLS weights (B, h, w), normalised to sum 1.
+    ``return_weights`` also the final IRLS weights (B, h, w), normalised to sum 1, and with
+    ``return_inliers`` the inlier factor 1 / (1 + |r|² / scale²) of the final fit (B, h, w):
+    near 0 where a position's match contradicts the global transform.
     """
     if feat.ndim != 4 or tfeat.ndim != 4 or feat.shape[:2] != tfeat.shape[:2]:
         raise ValueError(
@@ -150,9 +153,13 @@ def estimate_affine(
         r2 = ((x @ coef - q) ** 2).sum(-1)
         weights = conf / (1 + r2 / scale**2)
     theta = coef.transpose(1, 2)  # (B, 2, 3)
+    extra = []
     if return_weights:
-        return theta, wn.reshape(b, h, w)
-    return theta
+        extra.append(wn.reshape(b, h, w))
+    if return_inliers:
+        r2 = ((x @ coef - q) ** 2).sum(-1)
+        extra.append((1 / (1 + r2 / scale**2)).reshape(b, h, w))
+    return (theta, *extra) if extra else theta
 
 
 def warp_masks(masks: torch.Tensor, theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -294,6 +301,10 @@ class ShapePriorNet(nn.Module):
         align_blur: Gaussian σ, as a fraction of the image height, applied to the warped
             masks: an affine map cannot match every shape, so the aligned template is
             confident inside structures and soft near their boundaries (0: hard masks).
+        evidence_gate: with ``prior="affine"`` or ``"both"``, multiply the decoder's bounded
+            logits by the alignment's inlier factor (upsampled): where the image's matches
+            contradict the global alignment (an occluder), the image evidence fades and the
+            prior decides.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -324,6 +335,7 @@ class ShapePriorNet(nn.Module):
         align_iterations: int = 5,
         align_scale: float = 0.1,
         align_blur: float = 0.06,
+        evidence_gate: bool = False,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -357,6 +369,8 @@ class ShapePriorNet(nn.Module):
             raise ValueError(f"align_scale must be positive, got {align_scale}")
         if not 0 <= align_blur < 1:
             raise ValueError(f"align_blur must be in [0, 1), got {align_blur}")
+        if evidence_gate and prior == "attention":
+            raise ValueError("evidence_gate needs prior='affine' or 'both' (an alignment)")
         # constructor arguments, saved by save_pretrained so from_pretrained can rebuild the net
         self.config = {
             "num_classes": num_classes,
@@ -381,6 +395,7 @@ class ShapePriorNet(nn.Module):
             "align_iterations": align_iterations,
             "align_scale": align_scale,
             "align_blur": align_blur,
+            "evidence_gate": evidence_gate,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -423,6 +438,7 @@ class ShapePriorNet(nn.Module):
         self.align_iterations = align_iterations
         self.align_scale = align_scale
         self.align_blur = align_blur
+        self.evidence_gate = evidence_gate
         if label_prior:
             self.prior_matcher = PriorMatcher(
                 in_channels, prior_pool, prior_features, prior_dim, blk
@@ -497,14 +513,16 @@ class ShapePriorNet(nn.Module):
         template: torch.Tensor,
         template_masks: torch.Tensor,
         size: Sequence[int],
-    ) -> torch.Tensor:
+        return_gate: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """The template's labels transferred to the image, P (B, K + 1, *size), rows sum to 1.
 
-        ``image_embedding`` is ``prior_matcher(image)``; background is channel 0.
+        ``image_embedding`` is ``prior_matcher(image)``; background is channel 0. With
+        ``return_gate`` also the evidence gate (B, 1, *size) (None without ``evidence_gate``).
         """
         temb = self.prior_matcher(template)
         masks = template_masks.to(temb.dtype)
-        priors = []
+        priors, gate = [], None
         if self.prior in ("attention", "both"):
             m = with_background(F.adaptive_avg_pool2d(masks, temb.shape[-2:]))
             p = dense_attention(image_embedding, temb, m, self.log_prior_tau.exp())
@@ -516,11 +534,23 @@ class ShapePriorNet(nn.Module):
                 )
             )
         if self.prior in ("affine", "both"):
-            theta = self.align(image_embedding, temb)
+            theta, inliers = estimate_affine(
+                image_embedding,
+                temb,
+                self.align_tau,
+                self.align_iterations,
+                self.align_scale,
+                return_inliers=True,
+            )
+            if self.evidence_gate:
+                gate = F.interpolate(
+                    inliers[:, None], size=tuple(size), mode="bilinear", align_corners=False
+                )
             warped = warp_masks(masks, theta, tuple(size))
             warped = gaussian_blur(warped, self.align_blur * size[0])
             priors.append(with_background(warped))
-        return priors[0] if len(priors) == 1 else sum(priors) / len(priors)
+        prior = priors[0] if len(priors) == 1 else sum(priors) / len(priors)
+        return (prior, gate) if return_gate else prior
 
     def align(
         self, image_embedding: torch.Tensor, template_embedding: torch.Tensor
@@ -534,12 +564,17 @@ class ShapePriorNet(nn.Module):
             self.align_scale,
         )
 
-    def combine(self, logits: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
-        """Product of experts: c·tanh(z / c) + β·log max(P, ε) (just z without a prior)."""
+    def combine(
+        self, logits: torch.Tensor, prior: torch.Tensor | None, gate: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Product of experts: g·c·tanh(z / c) + β·log max(P, ε) (just z without a prior); the
+        evidence gate g (B, 1, H, W) is 1 unless given."""
         if prior is None:
             return logits
         if self.logit_bound > 0:
             logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+        if gate is not None:
+            logits = gate * logits
         return logits + self.prior_weight * torch.log(prior.clamp_min(self.prior_eps))
 
     def decode(
@@ -548,15 +583,16 @@ class ShapePriorNet(nn.Module):
         tfeats: list[torch.Tensor],
         template_masks: torch.Tensor,
         prior: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fuse attention into the image skips, run the U-Net decoder and combine the result
-        with the label ``prior`` when given; returns logits."""
+        with the label ``prior`` (and evidence ``gate``) when given; returns logits."""
         maps = self.attention_maps(feats, tfeats, template_masks)
         fused = [fuse(fe, a) for fuse, fe, a in zip(self.fusions, feats, maps)]
         x = fused[4]
         for up, skip in zip(self.decoder, (fused[3], fused[2], fused[1], fused[0])):
             x = up(x, skip)
-        return self.combine(self.head(x), prior)
+        return self.combine(self.head(x), prior, gate)
 
     def forward_with_prior(
         self, image: torch.Tensor, template: torch.Tensor, template_masks: torch.Tensor
@@ -565,11 +601,14 @@ class ShapePriorNet(nn.Module):
         if image.shape[0] != template.shape[0] or template.shape[0] != template_masks.shape[0]:
             raise ValueError("image, template and template_masks must have the same batch size")
         tfeats = self.encode_template(template, template_masks)
-        prior = None
+        prior = gate = None
         if self.has_label_prior:
             emb = self.prior_matcher(image)
-            prior = self.label_prior_map(emb, template, template_masks, image.shape[-2:])
-        return self.decode(self.image_encoder(image), tfeats, template_masks, prior), prior
+            prior, gate = self.label_prior_map(
+                emb, template, template_masks, image.shape[-2:], return_gate=True
+            )
+        feats = self.image_encoder(image)
+        return self.decode(feats, tfeats, template_masks, prior, gate), prior
 
     def forward(
         self, image: torch.Tensor, template: torch.Tensor, template_masks: torch.Tensor
@@ -616,7 +655,9 @@ class ShapePriorNet(nn.Module):
         n = templates.shape[1]
         for j in range(n):
             t, m = templates[:, j], template_masks[:, j]
-            prior = None if emb is None else self.label_prior_map(emb, t, m, image.shape[-2:])
-            logits = self.decode(feats, self.encode_template(t, m), m, prior)
+            prior = gate = None
+            if emb is not None:
+                prior, gate = self.label_prior_map(emb, t, m, image.shape[-2:], return_gate=True)
+            logits = self.decode(feats, self.encode_template(t, m), m, prior, gate)
             probs = probs + torch.softmax(logits, 1)
         return probs / n
