@@ -26,6 +26,12 @@ resulting prior P (B, K + 1, H, W) is combined with the decoder's logits z as a 
 experts: ``c·tanh(z / c) + β·log max(P, ε)``. Bounding the image evidence by ``c``
 (``logit_bound``) lets a confident prior decide inside structures, while near boundaries, where
 transferred labels are soft, the image decides.
+
+Optional global alignment (``prior="affine"`` or ``"both"``): instead of (or averaged with) the
+per-pixel transfer, one affine map per image is fitted to the dense matches by iteratively
+reweighted least squares (:func:`estimate_affine`; positions whose match contradicts the global
+transform, e.g. under an occluder, drop out), and the full-resolution template masks are warped
+with it and blurred (:func:`warp_masks`, ``align_blur``).
 """
 
 from __future__ import annotations
