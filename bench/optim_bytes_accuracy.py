@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table, save_results
@@ -93,6 +94,16 @@ def ada_family(periods: list[int], lrs: tuple[float, ...] = (ADA_LR,)) -> list[R
         ]
     specs.append(RunSpec("local-sgd", SGD_LR, "local SGD H=8 (ada group)", 8, warmup_steps=20))
     return specs
+
+
+def run_seeds(run_one: Callable[[int], list[dict]], seeds: list[int]) -> list[dict]:
+    """All records of ``run_one(seed)`` for each seed, in order, each tagged with its seed."""
+    records = []
+    for seed in seeds:
+        for r in run_one(seed):
+            r["seed"] = seed
+            records.append(r)
+    return records
 
 
 def best_per_method(
@@ -175,9 +186,8 @@ def main() -> int:
         file=sys.stderr,
     )
     start = time.perf_counter()
-    records = []
-    for seed in seeds:
-        for r in run_local(
+    records = run_seeds(
+        lambda seed: run_local(
             specs,
             world,
             steps,
@@ -186,11 +196,12 @@ def main() -> int:
             verbose=True,
             partition=args.partition,
             timeout_s=1200,
-        ):
-            r["seed"] = seed
-            if len(seeds) > 1:
-                r["name"] = f"{r['name']} seed={seed}"
-            records.append(r)
+        ),
+        seeds,
+    )
+    if len(seeds) > 1:
+        for r in records:
+            r["name"] = f"{r['name']} seed={r['seed']}"
     total = time.perf_counter() - start
     by_name = {r["name"]: r for r in records}
     # CSER's target is measured against the better of the synchronous SGD runs (the AdaGrad

@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table, save_results
-from optim_bytes_accuracy import best_per_method, loss_target_verdicts
+from optim_bytes_accuracy import best_per_method, loss_target_verdicts, run_seeds
 
 from scaledl.optim.charlm_task import CharLMTask, load_stdlib_corpus, run_local
 from scaledl.optim.digits_task import RunSpec
@@ -156,9 +156,8 @@ def main() -> int:
         file=sys.stderr,
     )
     start = time.perf_counter()
-    records = []
-    for seed in seeds:
-        for r in run_local(
+    records = run_seeds(
+        lambda seed: run_local(
             specs,
             world,
             steps,
@@ -168,9 +167,9 @@ def main() -> int:
             eval_points=2,
             verbose=True,
             timeout_s=3600,
-        ):
-            r["seed"] = seed
-            records.append(r)
+        ),
+        seeds,
+    )
     total = time.perf_counter() - start
     best = best_per_method(records, also=("final_perplexity",))
     ref = best["sync AdaGrad"]["mean_loss"]
