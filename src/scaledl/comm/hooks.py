@@ -34,12 +34,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from scaledl.comm import fused as fk
 from scaledl.comm.accounting import CommStats
 from scaledl.comm.base import Compressor
-from scaledl.comm.compressors import derive_key, get_compressor
-from scaledl.comm.error_feedback import EF_MODES, ErrorFeedback, compress_shards
+from scaledl.comm.compressors import (
+    OneBitCompressor,
+    RandomKCompressor,
+    TopKCompressor,
+    derive_key,
+    get_compressor,
+)
+from scaledl.comm.error_feedback import EF_MODES, ErrorFeedback, _check_mode, compress_shards
 
 __all__ = [
+    "CODEC_RANGE",
     "MODES",
     "CompressionState",
     "compression_hook",
@@ -49,6 +57,9 @@ __all__ = [
 
 #: exchange modes of :class:`CompressionState`
 MODES = ("two_way", "one_way", "allreduce", "auto")
+#: name of the profiler ranges (``torch.profiler.record_function``) around the hook's encode
+#: and decode work; the collectives are outside them
+CODEC_RANGE = "scaledl.comm.codec"
 
 
 class _BucketState:
@@ -91,6 +102,10 @@ class CompressionState:
         time_phases: measure compress/communicate/decompress seconds (synchronises CUDA).
         cuda_stream: on CUDA, run the exchange on a side stream so that it overlaps with
             the rest of the backward pass.
+        fused: fused codec kernels (:mod:`scaledl.comm.fused`) for 1-bit and top-k two-way
+            and random-k all-reduce: ``None`` (default) uses them on CUDA, compiled with
+            ``torch.compile``; ``True`` also on CPU (run eagerly there); ``False`` never.
+            Results equal the eager path (bit-identical for 1 and 2 ranks).
     """
 
     def __init__(
@@ -110,6 +125,7 @@ class CompressionState:
         lr: float | None = None,
         time_phases: bool = False,
         cuda_stream: bool = True,
+        fused: bool | None = None,
     ) -> None:
         self.compressor = get_compressor(compressor, **(compressor_kwargs or {}))
         self.server_compressor = (
@@ -143,6 +159,9 @@ class CompressionState:
         self.lr = lr
         self.time_phases = time_phases
         self.cuda_stream = cuda_stream
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused must be True, False or None (auto), got {fused!r}")
+        self.fused = fused
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.iteration = 0
@@ -310,6 +329,15 @@ class CompressionState:
         self.buckets[index] = bs
         return bs
 
+    def _fused_fn(self, device: torch.device) -> Callable[..., torch.Tensor] | None:
+        """The fused exchange for this configuration on ``device``, or None (eager)."""
+        if self.fused is False or (self.fused is None and not fk.compile_available(device)):
+            return None
+        kind = type(self.compressor)
+        if self.mode == "two_way" and type(self.server_compressor) is not kind:
+            return None
+        return _FUSED_MODE_FN.get((kind, self.mode))
+
     def _tick(self, phase: str, t0: float, device: torch.device) -> float:
         if not self.time_phases:
             return t0
@@ -372,25 +400,33 @@ def _two_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int,
     keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
     lr = state.current_lr()
     t0 = time.perf_counter()
-    send, _ = compress_shards(
-        state.compressor, bs.worker, g, keys, lr, inplace=True, return_decoded=False
-    )
-    _zero_padding(bs.worker.error, numel)
+    with _codec():
+        send, _ = compress_shards(
+            state.compressor, bs.worker, g, keys, lr, inplace=True, return_decoded=False
+        )
+        _zero_padding(bs.worker.error, numel)
     t0 = state._tick("compress", t0, g.device)
     recv = _all_to_all(state, send, n)
     t0 = state._tick("communicate", t0, g.device)
-    # The server step on the shard this rank owns: all n payloads decode in one batched
-    # call; the sum over ranks runs in a fixed order.
-    s = state.compressor.decompress_batch(_rows(recv, n), length, [keys[rank]] * n).sum(0)
-    valid = min(max(numel - rank * length, 0), length)
-    s[valid:] = 0.0
-    server_payload, _ = compress_shards(
-        state.server_compressor, bs.server, s, [keys[rank]], lr, inplace=True, return_decoded=False
-    )
+    with _codec():
+        # The server step on the shard this rank owns: all n payloads decode in one batched
+        # call; the sum over ranks runs in a fixed order.
+        s = state.compressor.decompress_batch(_rows(recv, n), length, [keys[rank]] * n).sum(0)
+        s[_valid(numel, rank, length) :] = 0.0
+        server_payload, _ = compress_shards(
+            state.server_compressor,
+            bs.server,
+            s,
+            [keys[rank]],
+            lr,
+            inplace=True,
+            return_decoded=False,
+        )
     t0 = state._tick("compress", t0, g.device)
     allc = _all_gather(state, server_payload, n)
     t0 = state._tick("communicate", t0, g.device)
-    out = state.server_compressor.decompress_batch(_rows(allc, n), length, keys).reshape(-1)
+    with _codec():
+        out = state.server_compressor.decompress_batch(_rows(allc, n), length, keys).reshape(-1)
     state._tick("compress", t0, g.device)
     state.stats.record_baseline(_ring_allreduce_bytes(4 * numel, n))
     return out
@@ -399,19 +435,21 @@ def _two_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int,
 def _one_way(state: CompressionState, bs: _BucketState, g: torch.Tensor, n: int, it: int, bi: int):
     key = derive_key(state.seed, it, bi, 0)
     t0 = time.perf_counter()
-    payload, _ = compress_shards(
-        state.compressor,
-        bs.worker,
-        g,
-        [key],
-        state.current_lr(),
-        inplace=True,
-        return_decoded=False,
-    )
+    with _codec():
+        payload, _ = compress_shards(
+            state.compressor,
+            bs.worker,
+            g,
+            [key],
+            state.current_lr(),
+            inplace=True,
+            return_decoded=False,
+        )
     t0 = state._tick("compress", t0, g.device)
     allp = _all_gather(state, payload, n)
     t0 = state._tick("communicate", t0, g.device)
-    out = state.compressor.decompress_batch(_rows(allp, n), g.numel(), [key] * n).sum(0)
+    with _codec():
+        out = state.compressor.decompress_batch(_rows(allp, n), g.numel(), [key] * n).sum(0)
     state._tick("compress", t0, g.device)
     state.stats.record_baseline(_ring_allreduce_bytes(4 * bs.numel, n))
     return out
@@ -424,21 +462,43 @@ def _allreduce(
     keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
     length = g.numel() // n
     t0 = time.perf_counter()
-    payload, _ = compress_shards(
-        state.compressor, bs.worker, g, keys, state.current_lr(), inplace=True, return_decoded=False
-    )
-    _zero_padding(bs.worker.error, bs.numel)
+    with _codec():
+        payload, _ = compress_shards(
+            state.compressor,
+            bs.worker,
+            g,
+            keys,
+            state.current_lr(),
+            inplace=True,
+            return_decoded=False,
+        )
+        _zero_padding(bs.worker.error, bs.numel)
     t0 = state._tick("compress", t0, g.device)
+    payload = _allreduce_payload(state, payload, n)
+    t0 = state._tick("communicate", t0, g.device)
+    with _codec():
+        out = state.compressor.decompress_batch(_rows(payload, n), length, keys).reshape(-1)
+    state._tick("compress", t0, g.device)
+    state.stats.record_baseline(_ring_allreduce_bytes(4 * bs.numel, n))
+    return out
+
+
+def _allreduce_payload(state: CompressionState, payload: torch.Tensor, n: int) -> torch.Tensor:
     if n > 1 and payload.numel():
         values = payload.view(state.compressor.wire_dtype or torch.float32)
         dist.all_reduce(values, group=state.process_group)
         payload = values.view(torch.uint8)
         state.stats.record("all_reduce", _ring_allreduce_bytes(payload.numel(), n), 0)
-    t0 = state._tick("communicate", t0, g.device)
-    out = state.compressor.decompress_batch(_rows(payload, n), length, keys).reshape(-1)
-    state._tick("compress", t0, g.device)
-    state.stats.record_baseline(_ring_allreduce_bytes(4 * bs.numel, n))
-    return out
+    return payload
+
+
+def _valid(numel: int, rank: int, length: int) -> int:
+    """How many elements of the shard ``rank`` owns are real (the rest is padding)."""
+    return min(max(numel - rank * length, 0), length)
+
+
+def _codec() -> Any:
+    return torch.profiler.record_function(CODEC_RANGE)
 
 
 def _zero_padding(error: torch.Tensor | None, numel: int) -> None:
@@ -452,6 +512,124 @@ _MODE_FN: dict[str, Callable[..., torch.Tensor]] = {
     "two_way": _two_way,
     "one_way": _one_way,
     "allreduce": _allreduce,
+}
+
+
+def _prescaled(buffer: torch.Tensor, n: int, padded: int) -> torch.Tensor:
+    """``buffer / n`` in a zero-padded fp32 buffer the hook owns (one pass): the sum over
+    ranks is then the mean."""
+    numel = buffer.numel()
+    g = torch.empty(padded, dtype=torch.float32, device=buffer.device)
+    if buffer.dtype == torch.float32:
+        torch.div(buffer, n, out=g[:numel])
+    else:  # divide in fp32, not in the bucket's half precision
+        g[:numel].copy_(buffer).div_(n)
+    g[numel:] = 0.0
+    return g
+
+
+# ------------------------------------------------------------------------ fused modes
+# The same exchanges with the codec work fused (scaledl.comm.fused): the pre-scale copy and
+# the error-feedback add are one pass reading the bucket, 1-bit packing and its residual are
+# one pass, the server decodes and sums in one pass, and the final decode writes straight
+# into the bucket (which is returned, so DDP copies nothing).
+def _fused_prepare(
+    state: CompressionState, bs: _BucketState, buffer: torch.Tensor, n: int, lr: float | None
+) -> torch.Tensor:
+    """The worker's error-corrected fp32 buffer ``p`` (padded), in one pass where exact."""
+    ef = bs.worker
+    factor = fk.exact_prescale(n)
+    if ef.mode in ("vanilla", "sparse") and not ef.momentum and factor is not None:
+        return fk.prepare(buffer, _error_buffer(ef, bs.padded, buffer.device), factor)
+    # momentum, lr-corrected EF, no EF or a world size that is not a power of two: eager
+    return ef.prepare(_prescaled(buffer, n, bs.padded), lr, inplace=True)
+
+
+def _error_buffer(ef: ErrorFeedback, length: int, device: torch.device) -> torch.Tensor:
+    error = ef.error
+    if error is None or error.shape != (length,) or error.device != device:
+        error = ef._buffer("error", torch.empty(length, device=device))
+    return error
+
+
+def _two_way_fused(
+    state: CompressionState, bs: _BucketState, buffer: torch.Tensor, n: int, it: int, bi: int
+) -> torch.Tensor:
+    rank = dist.get_rank(state.process_group) if n > 1 else 0
+    numel, length = bs.numel, bs.padded // n
+    keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
+    lr = state.current_lr()
+    comp, server = state.compressor, bs.server
+    onebit = isinstance(comp, OneBitCompressor)
+    device = buffer.device
+    t0 = time.perf_counter()
+    with _codec():
+        p = _fused_prepare(state, bs, buffer, n, lr)
+        send = fk.encode_rows(comp, bs.worker, p.view(n, length), keys)
+        _zero_padding(bs.worker.error, numel)
+    t0 = state._tick("compress", t0, device)
+    recv = _rows(_all_to_all(state, send, n), n)
+    t0 = state._tick("communicate", t0, device)
+    with _codec():
+        valid = _valid(numel, rank, length)
+        simple = server.mode in ("vanilla", "sparse") and onebit
+        if simple:  # decode, sum and add the server error in one pass
+            error = _error_buffer(server, length, device)
+            p = fk.onebit_server_sum(recv, length, error)
+            p[valid:] = error[valid:] + 0.0  # padding: 0 + error, as the eager path
+        else:
+            if onebit:
+                s = fk.onebit_server_sum(recv, length, torch.zeros(length, device=device))
+            else:  # rows scattered one after the other: for two rows, the eager sum
+                s = torch.zeros(length, device=device)
+                for idx, vals in zip(*fk.sparse_rows(comp, recv, length, [keys[rank]] * n)):
+                    s.scatter_add_(0, idx, vals)
+            s[valid:] = 0.0
+            p = server.prepare(s, lr, inplace=True)
+        payload = fk.encode_rows(state.server_compressor, server, p.view(1, length), [keys[rank]])
+    t0 = state._tick("compress", t0, device)
+    allc = _rows(_all_gather(state, payload, n), n)
+    t0 = state._tick("communicate", t0, device)
+    with _codec():
+        if onebit:
+            fk.onebit_decode_into(buffer, allc, length)
+        else:
+            rows = fk.sparse_rows(state.server_compressor, allc, length, keys)
+            fk.scatter_decode_into(buffer, *rows, length)
+    state._tick("compress", t0, device)
+    state.stats.record_baseline(_ring_allreduce_bytes(4 * numel, n))
+    return buffer
+
+
+def _allreduce_fused(
+    state: CompressionState, bs: _BucketState, buffer: torch.Tensor, n: int, it: int, bi: int
+) -> torch.Tensor:
+    keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
+    length = bs.padded // n
+    comp = state.compressor
+    if bs.worker.mode == "sparse":
+        _check_mode("sparse", comp)
+    t0 = time.perf_counter()
+    with _codec():
+        p = _fused_prepare(state, bs, buffer, n, state.current_lr())
+        payload = fk.encode_rows(comp, bs.worker, p.view(n, length), keys)
+        _zero_padding(bs.worker.error, bs.numel)
+    t0 = state._tick("compress", t0, buffer.device)
+    payload = _allreduce_payload(state, payload, n)
+    t0 = state._tick("communicate", t0, buffer.device)
+    with _codec():
+        idx, vals = fk.sparse_rows(comp, _rows(payload, n), length, keys)
+        fk.scatter_decode_into(buffer, idx, vals, length, add=comp.rescale)
+    state._tick("compress", t0, buffer.device)
+    state.stats.record_baseline(_ring_allreduce_bytes(4 * bs.numel, n))
+    return buffer
+
+
+#: (compressor type, mode) -> fused exchange
+_FUSED_MODE_FN: dict[tuple[type, str], Callable[..., torch.Tensor]] = {
+    (OneBitCompressor, "two_way"): _two_way_fused,
+    (TopKCompressor, "two_way"): _two_way_fused,
+    (RandomKCompressor, "allreduce"): _allreduce_fused,
 }
 
 
@@ -505,15 +683,15 @@ def _exchange(
         shards = 1 if state.mode == "one_way" else n
         padded = -(-numel // shards) * shards
         bs = state._bucket(bucket, padded)
-        # pre-scale while copying into an fp32 buffer the hook owns (one pass): the sum
-        # over ranks is then the mean
-        g = torch.empty(padded, dtype=torch.float32, device=buffer.device)
-        if buffer.dtype == torch.float32:
-            torch.div(buffer, n, out=g[:numel])
-        else:  # divide in fp32, not in the bucket's half precision
-            g[:numel].copy_(buffer).div_(n)
-        g[numel:] = 0.0
-        result = _MODE_FN[state.mode](state, bs, g, n, it, bi)[:numel].to(buffer.dtype)
+        fused = state._fused_fn(buffer.device)
+        if fused is not None:
+            result = fused(state, bs, buffer, n, it, bi)
+        else:
+            with _codec():
+                g = _prescaled(buffer, n, padded)
+            out = _MODE_FN[state.mode](state, bs, g, n, it, bi)
+            with _codec():  # the copy DDP would make, counted as the hook's own work
+                result = buffer.copy_(out[:numel])
     if bucket.is_last():
         state.iteration += 1
         state.stats.end_step()
