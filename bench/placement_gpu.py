@@ -48,9 +48,13 @@ from scaledl.placement import (
     GIB,
     Cluster,
     HostModel,
+    HostTiming,
     InfeasiblePlacementError,
     PlacedModule,
+    copy_contention,
     fit_comm_cost,
+    fit_copy_slowdown,
+    fit_host_model,
     place_graph,
     simulate,
     trace,
@@ -65,6 +69,7 @@ from scaledl.placement.models import (
     ParallelBranches,
     Seq2SeqTransformer,
 )
+from scaledl.placement.trace import symbolic_trace
 
 ALGOS = ["m-topo", "m-etf", "m-sct"]
 
@@ -197,8 +202,12 @@ def run_configuration(
     leaves=(),
     order=None,
     grad_copies: str = "deferred",
+    diagnose: bool = False,
 ) -> dict[str, Any]:
-    """Median training-step seconds of a placed model (Adam, MSE to zero) and peak memory.
+    """Median training-step seconds of a placed model (Adam, MSE to zero) and peak memory,
+    the host time of each phase, and on GPUs when each device finishes each phase (CUDA
+    events on its stream); ``diagnose``: also one profiled step (:func:`profile_phases`) and
+    every launch's host time.
 
     Every object that holds device memory (the placed copy, its optimizer state, activations,
     and on failure the traceback's frames) lives only in this frame, so it is all freed when
@@ -222,33 +231,54 @@ def run_configuration(
 
         for _ in range(warmup):
             step()
-        times, host_f, host_b = [], [], []
+        times, host_f, host_b, host_o, marks = [], [], [], [], []
+        cuda = cuda_devices(devices)
         stats0 = allocator_counters(devices)
         for _ in range(steps):
             _sync(devices)
+            ev = [_mark(cuda)]
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = pm(*inputs).float().square().mean()
             t1 = time.perf_counter()  # host time only: nothing waits for the GPU here
+            ev.append(_mark(cuda))
             loss.backward()
             t2 = time.perf_counter()
+            ev.append(_mark(cuda))
             opt.step()
+            t3 = time.perf_counter()
+            ev.append(_mark(cuda))
             _sync(devices)
             times.append(time.perf_counter() - t0)
             host_f.append(t1 - t0)
             host_b.append(t2 - t1)
+            host_o.append(t3 - t2)
+            marks.append(ev)
         times.sort()
         churn = allocator_churn(stats0, allocator_counters(devices), steps)
-        slowest = slowest_launches(pm, step, devices)
-        peak = [torch.cuda.max_memory_allocated(d) / GIB for d in cuda_devices(devices)]
+        spent = host_clock_step(pm, step, devices)
+        slowest = slowest_launches(spent)
+        peak = [torch.cuda.max_memory_allocated(d) / GIB for d in cuda]
+        extra: dict[str, Any] = {}
+        if diagnose:
+            extra["host_launches_ms"] = [
+                [name, pm.device_of[name], round(sec * 1e3, 4)] for name, sec in spent
+            ]
+            extra["profile"] = profile_phases(lambda: step_phases(pm, opt, inputs), devices)
         return {
             "step_s": times[len(times) // 2],
             "spread_s": (times[(3 * len(times)) // 4] - times[len(times) // 4]) / 2,
             "peak_gib": peak,
-            # Host wall time to launch the forward (+ loss) and to run backward(): where the
-            # step is host-bound these approach the step time.
-            "host_forward_s": sorted(host_f)[len(host_f) // 2],
-            "host_backward_s": sorted(host_b)[len(host_b) // 2],
+            # Host wall time to launch the forward (+ loss), to run backward() and to launch
+            # optimizer.step(): where the step is host-bound these approach the step time.
+            "host_forward_s": _median(host_f),
+            "host_backward_s": _median(host_b),
+            "host_optimizer_s": _median(host_o),
+            # When each device's stream finished the forward, backward and optimizer work
+            # (from the step's start, after a synchronisation): set against the simulated
+            # per-device phase ends (``simulated_phases``).
+            "device_phase_end_ms": phase_ends_ms(marks),
+            "host_launch_by_device": launch_stats(spent, pm.device_of),
             "launches_per_forward": len(pm.launch_sequence()),
             "copies_per_forward": pm.copies,
             "copy_mib_per_forward": pm.copy_bytes / 2**20,
@@ -257,6 +287,7 @@ def run_configuration(
             ],
             **churn,
             "slowest_launches_ms": slowest,
+            **extra,
             "error": None,
         }
     except Exception as exc:  # one failing placement must not end the whole comparison
@@ -279,6 +310,7 @@ def measure_step(
     *,
     cap_bytes: list[int] | None = None,
     grad_copies: str = "deferred",
+    diagnose: bool = False,
 ) -> dict[str, Any]:
     """:func:`run_configuration` in a clean scope: memory released before and after, the cap
     (``cap_bytes[i]`` for physical CUDA device i, on top of what is already allocated there)
@@ -287,7 +319,7 @@ def measure_step(
     limits = set_caps(devices, cap_bytes, before)
     try:
         meas = run_configuration(
-            model, placement, devices, inputs, steps, warmup, leaves, order, grad_copies
+            model, placement, devices, inputs, steps, warmup, leaves, order, grad_copies, diagnose
         )
     finally:
         set_caps(devices, None)
@@ -298,10 +330,9 @@ def measure_step(
     return meas
 
 
-def slowest_launches(pm, step: Callable[[], None], devices, k: int = 5) -> list[list]:
-    """One more step with the executor's host clock on: the ``k`` nodes whose launch (with
-    their copies) held the host longest, as ``[name, ms]``. On a GPU a launch costs tens of
-    microseconds; milliseconds mean the host waited for a device."""
+def host_clock_step(pm, step: Callable[[], None], devices) -> list[tuple[str, float]]:
+    """One more step with the executor's host clock on: host seconds of each forward launch
+    (a node with its copies), in launch order."""
     _sync(devices)
     pm.host_clock = []
     try:
@@ -310,8 +341,119 @@ def slowest_launches(pm, step: Callable[[], None], devices, k: int = 5) -> list[
     finally:
         pm.host_clock = None
     _sync(devices)
-    spent.sort(key=lambda x: -x[1])
-    return [[name, round(s * 1e3, 3)] for name, s in spent[:k]]
+    return spent
+
+
+def slowest_launches(spent: list[tuple[str, float]], k: int = 5) -> list[list]:
+    """The ``k`` nodes whose launch (with their copies) held the host longest, as
+    ``[name, ms]``. On a GPU a launch costs tens of microseconds; milliseconds mean the host
+    waited for a device."""
+    ranked = sorted(spent, key=lambda x: -x[1])
+    return [[name, round(s * 1e3, 3)] for name, s in ranked[:k]]
+
+
+def launch_stats(spent: list[tuple[str, float]], device_of: dict[str, int]) -> dict[str, Any]:
+    """Host milliseconds per forward launch on each logical device (median and mean): tells
+    a slower launch path to one GPU from a slowdown of every launch once two are used."""
+    out: dict[str, Any] = {}
+    for d in sorted(set(device_of.values())):
+        ms = [s * 1e3 for name, s in spent if device_of[name] == d]
+        if ms:
+            out[str(d)] = {
+                "launches": len(ms),
+                "median_ms": _median(ms),
+                "mean_ms": sum(ms) / len(ms),
+            }
+    return out
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _mark(cuda: list[torch.device]) -> list[Any]:
+    """A timing event recorded now on each CUDA device's current stream."""
+    out = []
+    for d in cuda:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record(torch.cuda.current_stream(d))
+        out.append(e)
+    return out
+
+
+def phase_ends_ms(marks: list[list[list[Any]]]) -> dict[str, list[float]]:
+    """Median milliseconds from each step's first mark to its forward, backward and optimizer
+    marks, per device (empty on CPU)."""
+    out: dict[str, list[float]] = {}
+    if not marks or not marks[0][0]:
+        return out
+    for p, phase in enumerate(("forward", "backward", "optimizer"), start=1):
+        out[phase] = [
+            _median([m[0][d].elapsed_time(m[p][d]) for m in marks]) for d in range(len(marks[0][0]))
+        ]
+    return out
+
+
+def step_phases(pm, opt, inputs) -> None:
+    """One training step with each phase inside a profiler range ``phase:<name>``."""
+    from torch.profiler import record_function
+
+    with record_function("phase:forward"):
+        opt.zero_grad(set_to_none=True)
+        loss = pm(*inputs).float().square().mean()
+    with record_function("phase:backward"):
+        loss.backward()
+    with record_function("phase:optimizer"):
+        opt.step()
+
+
+def profile_phases(step: Callable[[], None], devices) -> dict[str, Any]:
+    """One profiled step: per phase (by when the host launched the work: the forward, the
+    ``backward()`` call, the optimizer step) and device, the milliseconds of kernels and of
+    copies (``Memcpy``) the GPU ran, and each phase's host window. A kernel is attributed by
+    its launch call (linked correlation id), else by its own start (``unmatched``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = cuda_devices(devices)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        _sync(devices)
+        with profile(activities=acts) as prof:
+            step()
+            _sync(devices)
+        events = prof.profiler.kineto_results.events()
+    except Exception as exc:  # a diagnostic must not end the benchmark
+        traceback.clear_frames(exc.__traceback__)
+        return {"error": error_text(exc)}
+    cpu = torch.autograd.DeviceType.CPU
+    windows, launched = {}, {}
+    for e in events:
+        if e.device_type() != cpu:
+            continue
+        if e.name().startswith("phase:"):
+            windows[e.name()[6:]] = (e.start_ns(), e.start_ns() + e.duration_ns())
+        elif e.name().startswith("cu"):  # a runtime/driver call: a kernel launch or a copy
+            launched[e.correlation_id()] = e.start_ns()
+    t0 = min((w[0] for w in windows.values()), default=0)
+    out: dict[str, Any] = {
+        "host_window_ms": {k: [(a - t0) / 1e6, (b - t0) / 1e6] for k, (a, b) in windows.items()},
+        "device_ms": {},
+        "unmatched": 0,
+    }
+    for e in events:
+        if e.device_type() == cpu or e.name().startswith("phase:"):
+            continue
+        t = launched.get(e.linked_correlation_id())
+        if t is None:
+            out["unmatched"] += 1
+            t = e.start_ns()
+        phase = next((k for k, (a, b) in windows.items() if a <= t <= b), "other")
+        kind = "copy" if e.name().startswith("Memcpy") else "kernel"
+        row = out["device_ms"].setdefault(
+            f"{phase}/{e.device_index()}", {"kernel": 0.0, "copy": 0.0}
+        )
+        row[kind] += e.duration_ns() / 1e6
+    return out
 
 
 ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_sync_all_streams")
@@ -417,23 +559,110 @@ def check_grad_copies(model, fx_map, devices, inputs, leaves) -> dict[str, Any]:
     return {"checked": True, "ok": same and diff <= 1e-3 * scale, "max_rel_diff": diff / scale}
 
 
-def calibrate_host(model, fx_names, devices, inputs, leaves, graph, steps=3) -> HostModel:
-    """Host launch cost per op of :class:`PlacedModule` (the simulator's host-dispatch term):
-    the median host wall time of an unsynchronised forward (+ loss) and backward() on one
-    device, divided by the forward launches and the backward nodes. On CPU the ops run
-    synchronously, so this is the compute itself (quick mode only checks the path)."""
-    meas = measure_step(model, dict.fromkeys(fx_names, 0), devices, inputs, steps, 2, leaves)
-    if meas["step_s"] is None:
-        raise RuntimeError(f"host calibration failed: {meas['error']}")
-    n_bwd = sum(1 for k in graph.kind if k == "backward")
-    return HostModel(
-        forward_s=meas["host_forward_s"] / meas["launches_per_forward"],
-        backward_s=meas["host_backward_s"] / max(n_bwd, 1),
+def host_timing(meas: dict[str, Any], backward_nodes: int, grad_copies: str = "deferred"):
+    """A measured configuration's :class:`HostTiming`: forward launches are the ops and their
+    copies; backward tasks the backward nodes plus, per copy, the gradient's copy and (with
+    deferred gradient copies) the wait for it, as the replay counts them."""
+    per_copy = 2 if grad_copies == "deferred" else 1
+    return HostTiming(
+        forward_s=meas["host_forward_s"],
+        forward_launches=meas["launches_per_forward"],
+        backward_s=meas["host_backward_s"],
+        backward_tasks=max(backward_nodes + per_copy * meas["copies_per_forward"], 1),
     )
 
 
+def backward_nodes(graph) -> int:
+    return sum(1 for k in graph.kind if k == "backward")
+
+
+def calibrate_host(model, fx_names, devices, inputs, leaves, graph, steps=10) -> HostTiming:
+    """Host launch cost of :class:`PlacedModule` for this model (the simulator's host term):
+    the median host wall time of an unsynchronised forward (+ loss) and backward() with every
+    node on one device, over the forward launches and the backward nodes. On CPU the ops run
+    synchronously, so this is the compute itself (quick mode only checks the path)."""
+    meas = measure_step(model, dict.fromkeys(fx_names, 0), devices, inputs, steps, 3, leaves)
+    if meas["step_s"] is None:
+        raise RuntimeError(f"host calibration failed: {meas['error']}")
+    return host_timing(meas, backward_nodes(graph))
+
+
+def calibration_chain(quick: bool) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    """The multi-device host calibration model: a chain of small Linear + ReLU layers whose
+    kernels take a few microseconds, so the step's host time is launch cost only."""
+    width, blocks, batch = (32, 12, 8) if quick else (512, 24, 64)
+    layers: list[torch.nn.Module] = []
+    for _ in range(blocks):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers), (torch.randn(batch, width),)
+
+
+#: Layouts of the calibration chain: position i of its n fx nodes -> device.
+CHAIN_LAYOUTS: dict[str, Callable[[int, int], int]] = {
+    "one device": lambda i, n: 0,
+    "other device": lambda i, n: 1,
+    "alternating": lambda i, n: (i // 8) % 2,  # blocks of 8 nodes: switches and copies
+    "halves": lambda i, n: int(i >= n // 2),
+}
+
+
+def calibrate_multi_device(devices, steps: int, quick: bool) -> dict[str, Any]:
+    """Host time of the calibration chain in each :data:`CHAIN_LAYOUTS` layout (a model none of
+    the benchmark's placements use). The multi-device host factors are the per-launch ratios
+    of ``alternating`` over ``one device``; the others tell a slower launch path to GPU 1
+    (``other device``) from a cost of using two GPUs at all (``halves``)."""
+    torch.manual_seed(0)
+    model, inputs = calibration_chain(quick)
+    graph = trace(model, inputs).op_graph()
+    names = [n.name for n in symbolic_trace(model).graph.nodes if n.op != "output"]
+    model = model.to(devices[0])
+    inputs = tuple(x.to(devices[0]) for x in inputs)
+    out: dict[str, Any] = {"timings": {}, "per_launch_us": {}}
+    for label, rule in CHAIN_LAYOUTS.items():
+        fx = {name: rule(i, len(names)) for i, name in enumerate(names)}
+        meas = measure_step(model, fx, devices, inputs, steps, 3)
+        if meas["step_s"] is None:
+            raise RuntimeError(f"multi-device host calibration ({label}) failed: {meas['error']}")
+        timing = host_timing(meas, backward_nodes(graph))
+        out["timings"][label] = timing
+        out["per_launch_us"][label] = [x * 1e6 for x in timing.per_launch]
+    return out
+
+
 # -- main ---------------------------------------------------------------------------------------
-def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any]]:
+def replay_terms(
+    graph, gp, clusters, hosts: dict[str, HostModel], order, meas, barrier: str
+) -> dict[str, float]:
+    """The executor replay's makespan as each term is added (the ``sim+host`` column is the
+    last), and with this configuration's own measured host costs (a diagnostic, not a
+    prediction: it uses the measurement it is compared with)."""
+    plain, loaded = clusters
+    one_gpu = dataclasses.replace(hosts["one-gpu"], grad_copies=barrier)
+    full = dataclasses.replace(hosts["full"], grad_copies=barrier)
+    steps = {
+        "one-GPU host": (one_gpu, plain),
+        "+ shared backward threads": (
+            dataclasses.replace(one_gpu, backward_threads="shared"),
+            plain,
+        ),
+        "+ multi-device host": (full, plain),
+        "+ copy contention": (full, loaded),
+    }
+    out = {k: simulate(graph, gp, c, host=h, order=order).makespan for k, (h, c) in steps.items()}
+    if meas.get("step_s") is not None:
+        tasks = "deferred" if barrier == "deferred" else "autograd"
+        own = fit_host_model(
+            host_timing(meas, backward_nodes(graph), tasks),
+            backward_threads="shared",
+            grad_copies=barrier,
+        )
+        out["own host rates"] = simulate(graph, gp, loaded, host=own, order=order).makespan
+    return out
+
+
+def run_model(
+    name: str, args, devices, comm, calib: dict[str, Any]
+) -> tuple[list[list], dict[str, Any]]:
     torch.manual_seed(0)
     model, inputs, leaves, expert_rule = MODELS[name](args.quick)
     dev0 = devices[0]
@@ -455,14 +684,27 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
     gm = traced.module
     fx_names = [n.name for n in gm.graph.nodes if n.op != "output"]
     spec = {s.name: s for s in traced.specs}
-    host = calibrate_host(model, fx_names, devices, inputs, leaves, graph)
+    timing = calibrate_host(model, fx_names, devices, inputs, leaves, graph)
     # Deferred gradient copies (the default) must give autograd's gradients; else fall back.
     expert_fx = follow_inputs(gm, expert_rule)
     grad_check = check_grad_copies(model, expert_fx, devices, inputs, leaves)
     grad_copies = args.grad_copies if grad_check.get("ok", True) else "autograd"
-    host = dataclasses.replace(
-        host, grad_copies="deferred" if grad_copies == "deferred" else "barrier"
-    )
+    barrier = "deferred" if grad_copies == "deferred" else "barrier"
+    # The host model: this model's one-device launch costs, autograd's threads taking turns,
+    # and the two-device factors of the calibration chain (none of these placements).
+    chain = calib["chain"]["timings"]
+    hosts = {
+        "one-gpu": fit_host_model(timing, grad_copies=barrier),
+        "full": fit_host_model(
+            timing,
+            (chain["one device"], chain["alternating"]),
+            backward_threads="shared",
+            grad_copies=barrier,
+        ),
+    }
+    host = hosts["full"]
+    # Copies slow compute on both of their devices (measured once per run).
+    loaded = dataclasses.replace(cluster, copy_slowdown=calib["copy_slowdown"])
     output = model_output(gm)
     candidates: dict[str, dict[str, Any]] = {}
     for algo in ALGOS:
@@ -501,6 +743,9 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
     candidates["equal-pipeline"] = {"fx": dict(zip(fx_names, pipe))}
     candidates["single (uncapped)"] = {"fx": dict.fromkeys(fx_names, 0), "uncapped": True}
 
+    if args.placements:
+        candidates = {k: v for k, v in candidates.items() if k in args.placements}
+    diagnose = name in (args.diagnose or [])
     rows, records = [], []
     for label, cand in candidates.items():
         rec: dict[str, Any] = {"model": name, "placement": label}
@@ -516,7 +761,7 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
         # simulation).
         order = cand.get("order") or sims[args.contention].launch_order()
         # The executor replay: its host launches, streams, autograd's backward order.
-        sim_host = simulate(graph, gp, cluster, contention=args.contention, host=host, order=order)
+        sim_host = simulate(graph, gp, loaded, contention=args.contention, host=host, order=order)
         # What the earlier executor (copies at first use, fx order) would take: a reference
         # for measurements made with it.
         earlier = HostModel(
@@ -544,16 +789,19 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
                 order,
                 cap_bytes=caps,
                 grad_copies=mode,
+                diagnose=diagnose,
             )
             # An error other than running out of memory under deferred gradient copies: retry
             # with autograd's copies (and replay those) rather than lose the configuration.
             if meas["step_s"] is not None or meas.get("error_kind") == "OOM":
                 break
+        used_barrier = "deferred" if used == "deferred" else "barrier"
         if used != grad_copies:
             replay = dataclasses.replace(host, grad_copies="barrier")
             sim_host = simulate(
-                graph, gp, cluster, contention=args.contention, host=replay, order=order
+                graph, gp, loaded, contention=args.contention, host=replay, order=order
             )
+        terms = replay_terms(graph, gp, (cluster, loaded), hosts, order, meas, used_barrier)
         fid = {c: _rel_err(s.makespan, meas["step_s"]) for c, s in sims.items()}
         fid_host = _rel_err(sim_host.makespan, meas["step_s"])
         rec.update(
@@ -568,6 +816,13 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
             simulated_host_s=sim_host.makespan,
             simulated_earlier_executor_s=sim_earlier.makespan,
             fidelity_host=fid_host,
+            replay_terms_s=terms,
+            replay_terms_fidelity={k: _rel_err(v, meas["step_s"]) for k, v in terms.items()},
+            simulated_host_phases_s={
+                "forward": sim_host.extra["host_forward_s"],
+                "backward": sim_host.extra["host_backward_s"],
+            },
+            simulated_phases_ms=[{k: v * 1e3 for k, v in row.items()} for row in sim_host.phases()],
             **meas,
         )
         records.append(rec)
@@ -594,7 +849,8 @@ def run_model(name: str, args, devices, comm) -> tuple[list[list], dict[str, Any
         # on ``meta`` and give its graph these node times.
         "node_seconds": dict(zip(graph.names, map(float, graph.compute))),
         "cap_gib": cap / GIB,
-        "host_model": {"forward_s": host.forward_s, "backward_s": host.backward_s},
+        "host_model": dataclasses.asdict(host),
+        "host_timing_one_device": dataclasses.asdict(timing),
         "grad_copies": grad_copies,
         "grad_copies_check": grad_check,
         "single_device_estimate_gib": single_est / GIB,
@@ -674,6 +930,128 @@ def simulated_clusters(graph, comm, single_est: int, contention: str) -> list[di
     return out
 
 
+def calibrate(devices, quick: bool) -> dict[str, Any]:
+    """The run's placement-independent calibrations: the calibration chain's host time on one
+    and two devices, and compute slowed by a concurrent copy."""
+    chain = calibrate_multi_device(devices, steps=3 if quick else 20, quick=quick)
+    one, two = (chain["per_launch_us"][k] for k in ("one device", "alternating"))
+    print(
+        f"host per launch, calibration chain (forward / backward task): one device "
+        f"{one[0]:.1f} / {one[1]:.1f} us, two devices {two[0]:.1f} / {two[1]:.1f} us"
+    )
+    src, dst = str(devices[0]), str(devices[1])
+    if quick:
+        samples = copy_contention(
+            src, dst, elements=2**14, matmul_side=64, copy_elements=2**16, repeats=3
+        )
+    else:
+        samples = copy_contention(src, dst)
+    slowdown = fit_copy_slowdown(samples)
+    print(
+        "compute during a copy: "
+        + ", ".join(
+            f"{x['op']} on {x['side']} x{x['with_copy_s'] / x['alone_s']:.2f}" for x in samples
+        )
+        + f" -> copy_slowdown {slowdown:.3f}"
+    )
+    release_device_memory(devices)
+    return {"chain": chain, "contention": samples, "copy_slowdown": slowdown}
+
+
+def print_terms(infos: list[dict[str, Any]]) -> None:
+    """The replay's step time as each model term is added, next to the measurement."""
+    terms = [
+        "one-GPU host",
+        "+ shared backward threads",
+        "+ multi-device host",
+        "+ copy contention",
+        "own host rates",
+    ]
+    rows = []
+    for info in infos:
+        for r in info["records"]:
+            if not r.get("replay_terms_s") or not r.get("step_s"):
+                continue
+            m = r["step_s"]
+            rows.append(
+                [info["model"], r["placement"], f"{m * 1e3:.2f}"]
+                + [
+                    f"{r['replay_terms_s'][k] * 1e3:.2f} ({_pct(r['replay_terms_s'][k] / m - 1)})"
+                    if k in r["replay_terms_s"]
+                    else "-"
+                    for k in terms
+                ]
+            )
+    print_table(
+        "Executor replay as each term is added, ms (error vs measured); the last column uses "
+        "the configuration's own host times (diagnostic)",
+        ["model", "placement", "measured", *terms],
+        rows,
+    )
+
+
+def print_diagnosis(info: dict[str, Any]) -> None:
+    """Per placement and device: measured vs simulated phase ends, busy times and copies;
+    host phases; and the profiled kernel and copy milliseconds per phase."""
+    rows = []
+    for r in info["records"]:
+        if not r.get("step_s"):
+            continue
+        ends = r.get("device_phase_end_ms") or {}
+        prof = (r.get("profile") or {}).get("device_ms", {})
+        for d, sim in enumerate(r["simulated_phases_ms"]):
+            for phase in ("forward", "backward", "optimizer"):
+                got = prof.get(f"{phase}/{d}", {})
+                meas_end = ends.get(phase, [])
+                rows.append(
+                    [
+                        r["placement"],
+                        d,
+                        phase,
+                        _ms(meas_end[d] if d < len(meas_end) else None),
+                        _ms(sim[f"{phase}_end_s"]),
+                        _ms(got.get("kernel")),
+                        _ms(sim[f"{phase}_busy_s"]),
+                        _ms(got.get("copy")),
+                        _ms(sim[f"{phase}_sent_s"]),
+                    ]
+                )
+        hs = r["simulated_host_phases_s"]
+        rows.append(
+            [
+                r["placement"],
+                "host",
+                "fwd / bwd / opt",
+                f"{r['host_forward_s'] * 1e3:.2f} / {r['host_backward_s'] * 1e3:.2f} / "
+                f"{r['host_optimizer_s'] * 1e3:.2f}",
+                f"{hs['forward'] * 1e3:.2f} / {hs['backward'] * 1e3:.2f} / -",
+                "-",
+                "-",
+                "-",
+                "-",
+            ]
+        )
+    print_table(
+        f"Diagnosis, {info['model']}: per device, when each phase ends and what it costs (ms)",
+        [
+            "placement",
+            "device",
+            "phase",
+            "meas end",
+            "sim end",
+            "meas kernels",
+            "sim busy",
+            "meas copies sent",
+            "sim copies sent",
+        ],
+        rows,
+    )
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _pct(x: float | None, sign: bool = True) -> str:
     return "-" if x is None else (f"{x:+.1%}" if sign else f"{x:.1%}")
 
@@ -694,8 +1072,23 @@ def main() -> None:
         default="deferred",
         help="how PlacedModule sends gradients between GPUs",
     )
+    ap.add_argument(
+        "--diagnose",
+        nargs="+",
+        default=None,
+        choices=list(MODELS),
+        metavar="MODEL",
+        help="also profile one step of each placement of MODEL (per phase and device kernel "
+        "and copy time, every launch's host time) and print measured vs simulated per phase; "
+        "runs only MODEL unless --models is given",
+    )
+    ap.add_argument(
+        "--placements", nargs="+", default=None, help="run only these placements (labels)"
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/)")
     args = ap.parse_args()
+    if args.diagnose and "--models" not in sys.argv:
+        args.models = list(args.diagnose)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not args.quick and gpus < 2:
         print("fewer than 2 GPUs: running --quick on CPU logical devices instead")
@@ -728,17 +1121,20 @@ def main() -> None:
         f"strided copy cost fit (not used; tensors are sent dense): "
         f"{strided.latency_s * 1e6:.1f} us + bytes / {strided.bandwidth / 1e9:.2f} GB/s"
     )
+    calib = calibrate(devices, args.quick)
     t0 = time.perf_counter()
     all_rows, infos = [], []
     for name in args.models:
-        rows, info = run_model(name, args, devices, comm)
+        rows, info = run_model(name, args, devices, comm, calib)
         all_rows += rows
         infos.append(info)
         print(
             f"{name}: done in {time.perf_counter() - t0:.0f} s "
             f"(profiling {info['profile_s']:.1f} s); host launch per op: forward "
             f"{info['host_model']['forward_s'] * 1e6:.1f} us, "
-            f"backward {info['host_model']['backward_s'] * 1e6:.1f} us"
+            f"backward {info['host_model']['backward_s'] * 1e6:.1f} us "
+            f"(x {info['host_model']['multi_forward']:.2f} / "
+            f"{info['host_model']['multi_backward']:.2f} on two devices)"
         )
     print_table(
         "Training step on 2 devices under a memory cap (measured vs simulated)",
@@ -773,6 +1169,10 @@ def main() -> None:
             for r in info["records"]
         ],
     )
+    print_terms(infos)
+    for info in infos:
+        if info["model"] in (args.diagnose or []):
+            print_diagnosis(info)
     for info in infos:  # the full text of each failure (the table shows its kind only)
         for r in info["records"]:
             if r.get("error"):
@@ -832,6 +1232,12 @@ def main() -> None:
                 "bandwidth_Bps": strided.bandwidth,
             },
             "args": {k: v for k, v in vars(args).items() if k != "out"},
+            "host_calibration": {
+                "per_launch_us": calib["chain"]["per_launch_us"],
+                "timings": {k: dataclasses.asdict(t) for k, t in calib["chain"]["timings"].items()},
+            },
+            "copy_contention": calib["contention"],
+            "copy_slowdown": calib["copy_slowdown"],
             "models": infos,
             "total_s": time.perf_counter() - t0,
         },

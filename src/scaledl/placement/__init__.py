@@ -14,7 +14,9 @@ from scaledl.placement.cost_model import (
     Cluster,
     CommCost,
     Roofline,
+    copy_contention,
     fit_comm_cost,
+    fit_copy_slowdown,
     transfer_sweep,
 )
 from scaledl.placement.executor import PlacedModule
@@ -32,7 +34,14 @@ from scaledl.placement.m_topo import m_topo
 from scaledl.placement.milp import milp_place
 from scaledl.placement.pipeline import ALGORITHMS, Plan, place, place_graph
 from scaledl.placement.shrink import ShrunkGraph, shrink
-from scaledl.placement.simulator import HostModel, PlacementResult, host_launch_times, simulate
+from scaledl.placement.simulator import (
+    HostModel,
+    HostTiming,
+    PlacementResult,
+    fit_host_model,
+    host_launch_times,
+    simulate,
+)
 from scaledl.placement.trace import TracedModel, trace
 
 __all__ = [
@@ -43,6 +52,7 @@ __all__ = [
     "Cluster",
     "CommCost",
     "HostModel",
+    "HostTiming",
     "InfeasiblePlacementError",
     "OpGraph",
     "OpSpec",
@@ -52,7 +62,10 @@ __all__ = [
     "Roofline",
     "ShrunkGraph",
     "TracedModel",
+    "copy_contention",
     "fit_comm_cost",
+    "fit_copy_slowdown",
+    "fit_host_model",
     "forward_graph",
     "host_launch_times",
     "layered_graph",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +54,10 @@ class Cluster:
     comm: CommCost | list[list[CommCost]] = PCIE_COMM
     contention: str = "shared"
     names: list[str] = field(default_factory=list)
+    #: Compute on a device runs ``1 + copy_slowdown`` times slower while a copy it sends or
+    #: receives moves bytes (the copy takes memory bandwidth of both ends); see
+    #: :func:`copy_contention` and :func:`fit_copy_slowdown`. Used by the executor replay.
+    copy_slowdown: float = 0.0
 
     def __post_init__(self) -> None:
         n = len(self.memory)
@@ -61,6 +65,8 @@ class Cluster:
             raise ValueError("a cluster needs at least one device")
         if any(m <= 0 for m in self.memory):
             raise ValueError(f"device memory must be > 0 bytes, got {self.memory}")
+        if not (self.copy_slowdown >= 0 and np.isfinite(self.copy_slowdown)):
+            raise ValueError(f"copy_slowdown must be finite and >= 0, got {self.copy_slowdown}")
         if self.contention not in CONTENTION_MODELS:
             raise ValueError(
                 f"unknown contention model {self.contention!r}; choose from {CONTENTION_MODELS}"
@@ -205,6 +211,102 @@ def transfer_sweep(
         )
         samples.append((x.numel() * 4, t))
     return samples
+
+
+def copy_contention(
+    src: str,
+    dst: str,
+    *,
+    elements: int = 2**26,
+    matmul_side: int = 2048,
+    copy_elements: int = 2**28,
+    repeats: int = 10,
+) -> list[dict[str, object]]:
+    """Compute timed alone and while a ``src`` -> ``dst`` copy moves bytes (the samples of
+    :func:`fit_copy_slowdown`).
+
+    For each side of the copy (``src``, ``dst``) and each op (``elementwise``: an in-place
+    multiply of ``elements`` float32, memory-bound; ``matmul``: a ``matmul_side`` square
+    float32 matmul, compute-bound; both much shorter than the copy): the op's median seconds
+    on that device's stream, alone and right after a copy of ``copy_elements`` float32 was
+    issued on side streams of both devices (as ``PlacedModule`` copies), so the copy covers
+    the op. On CPU the copy finishes before the op starts (the path only)."""
+    import torch
+
+    big = torch.ones(copy_elements, device=src)
+    buf = torch.empty(copy_elements, device=dst)
+    on_gpu = torch.device(src).type == "cuda" and torch.device(dst).type == "cuda"
+    streams = (torch.cuda.Stream(device=src), torch.cuda.Stream(device=dst)) if on_gpu else None
+    out: list[dict[str, object]] = []
+    for side, where in (("source", src), ("destination", dst)):
+        dev = torch.device(where)
+        x = torch.ones(elements, device=dev)
+        a = torch.randn(matmul_side, matmul_side, device=dev)
+        ops = {"elementwise": lambda x=x: x.mul_(1.0), "matmul": lambda a=a: a @ a}
+        for name, fn in ops.items():
+            alone, loaded = [], []
+            for r in range(2 * (repeats + 1)):
+                with_copy = r % 2 == 1
+                _sync_all((src, dst))
+                if with_copy and streams is not None:
+                    with torch.cuda.stream(streams[0]), torch.cuda.stream(streams[1]):
+                        buf.copy_(big, non_blocking=True)
+                elif with_copy:
+                    buf.copy_(big)
+                t = _time_once(fn, dev)
+                if r >= 2:  # the first pair warms up
+                    (loaded if with_copy else alone).append(t)
+            out.append(
+                {
+                    "device": str(dev),
+                    "side": side,
+                    "op": name,
+                    "alone_s": statistics.median(alone),
+                    "with_copy_s": statistics.median(loaded),
+                }
+            )
+        del x, a
+    _sync_all((src, dst))
+    return out
+
+
+def _sync_all(devices: Sequence[str]) -> None:
+    import torch
+
+    for d in devices:
+        if torch.device(d).type == "cuda":
+            torch.cuda.synchronize(d)
+
+
+def _time_once(fn: Callable[[], object], dev) -> float:
+    """Seconds of one ``fn()`` on ``dev``'s current stream (CUDA events), else a clock."""
+    import torch
+
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    with torch.cuda.device(dev):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        return s.elapsed_time(e) / 1e3
+
+
+def fit_copy_slowdown(samples: Sequence[Mapping[str, float]]) -> float:
+    """``Cluster.copy_slowdown`` from :func:`copy_contention` samples: the median over ops
+    and sides of ``with_copy_s / alone_s - 1``, floored at 0 (a copy never speeds compute)."""
+    if not samples:
+        raise ValueError("fit_copy_slowdown needs at least one sample")
+    ratios = []
+    for s in samples:
+        alone, loaded = float(s["alone_s"]), float(s["with_copy_s"])
+        if not (alone > 0 and np.isfinite(alone) and np.isfinite(loaded)):
+            raise ValueError(f"bad contention sample {dict(s)}: times must be finite, alone > 0")
+        ratios.append(loaded / alone - 1.0)
+    return max(0.0, float(np.median(ratios)))
 
 
 def _sweep_tensor(log2_elements: int, device: str, strided: bool):

@@ -77,6 +77,31 @@ class PlacementResult:
         ]
         return [name for _, _, name in sorted(keyed)]
 
+    def phases(self) -> list[dict[str, float]]:
+        """Per device and kind (forward, backward, optimizer): when its last node ends
+        (``<kind>_end_s``), how long its nodes keep the device busy (``<kind>_busy_s``) and the
+        seconds of the copies of their outputs it sends (``<kind>_sent_s``; PyTorch runs a
+        GPU-to-GPU copy on the source device): what a per-device trace of the measured step
+        can be set against."""
+        s = self.schedule
+        kinds = np.asarray(self.graph.kind)
+        out = []
+        for d in range(len(self.cluster)):
+            row: dict[str, float] = {}
+            for kind in ("forward", "backward", "optimizer"):
+                mask = (s.device == d) & (kinds == kind)
+                row[f"{kind}_end_s"] = float(s.end[mask].max()) if mask.any() else 0.0
+                row[f"{kind}_busy_s"] = float((s.end[mask] - s.start[mask]).sum())
+                row[f"{kind}_sent_s"] = float(
+                    sum(
+                        t.end - t.start
+                        for t in s.transfers
+                        if t.src == d and kinds[t.producer] == kind
+                    )
+                )
+            out.append(row)
+        return out
+
     def summary(self) -> dict[str, Any]:
         """The JSON-friendly facts: timing, bounds, memory per device, nodes per device."""
         lb = self.bounds.get("lower_bound_s", 0.0)
@@ -151,24 +176,91 @@ class HostModel:
     streams; the producer device's stream waits for it when that device's backward thread
     reaches the producer, ``PlacedModule(grad_copies="deferred")``) or ``"barrier"``
     (autograd's copy: it waits for, and then holds, the producer device's stream at the
-    moment the sending device's thread issues it)."""
+    moment the sending device's thread issues it).
+
+    ``backward_threads``: ``"device"`` (autograd's thread per device launch in parallel) or
+    ``"shared"`` (they take turns: one host timeline for every backward task, as when the
+    threads contend for the GIL, which the Python copy functions and hooks hold, and for the
+    CUDA driver's launch path). On 2 H200s the measured ``backward()`` wall time of split
+    placements is what one-device per-task costs give when serialised, not in parallel.
+
+    ``multi_forward`` / ``multi_backward``: factors on the forward (and forward copy) and the
+    backward launch costs when the placement uses two or more devices. The per-launch host
+    cost measured on one GPU grows when a step launches on two (2 H200s: 1.1-2x in the
+    forward, for every op, not only at device switches); calibrate them from a two-device
+    measurement that is not the placement being predicted (:func:`fit_host_model`)."""
 
     forward_s: float
     backward_s: float = 0.0
     copy_s: float | None = None
     copies: str = "producer"
     grad_copies: str = "deferred"
+    backward_threads: str = "device"
+    multi_forward: float = 1.0
+    multi_backward: float = 1.0
 
     def __post_init__(self) -> None:
         costs = (self.forward_s, self.backward_s, self.copy_s or 0.0)
         if min(costs) < 0 or not all(np.isfinite(costs)):
             raise ValueError(f"host launch costs must be finite and >= 0, got {self}")
+        factors = (self.multi_forward, self.multi_backward)
+        if min(factors) <= 0 or not all(np.isfinite(factors)):
+            raise ValueError(f"multi-device host factors must be finite and > 0, got {self}")
+        if self.backward_threads not in ("device", "shared"):
+            raise ValueError(
+                f"backward_threads must be 'device' or 'shared', got {self.backward_threads!r}"
+            )
         if self.copies not in ("producer", "first-use"):
             raise ValueError(f"copies must be 'producer' or 'first-use', got {self.copies!r}")
         if self.grad_copies not in ("deferred", "barrier"):
             raise ValueError(
                 f"grad_copies must be 'deferred' or 'barrier', got {self.grad_copies!r}"
             )
+
+
+@dataclass(frozen=True)
+class HostTiming:
+    """Host wall time of one unsynchronised training step and what it launched: the forward
+    (+ loss) over ``forward_launches`` (ops and copies), ``backward()`` over ``backward_tasks``
+    (each backward node, plus per cross-device copy its gradient's copy and, deferred, the
+    wait for it: the replay's tasks)."""
+
+    forward_s: float
+    forward_launches: int
+    backward_s: float
+    backward_tasks: int
+
+    def __post_init__(self) -> None:
+        if min(self.forward_launches, self.backward_tasks) < 1:
+            raise ValueError(f"a host timing needs >= 1 launch and task, got {self}")
+        times = (self.forward_s, self.backward_s)
+        if min(times) < 0 or not all(np.isfinite(times)):
+            raise ValueError(f"host times must be finite and >= 0, got {self}")
+
+    @property
+    def per_launch(self) -> tuple[float, float]:
+        """Host seconds per forward launch and per backward task."""
+        return self.forward_s / self.forward_launches, self.backward_s / self.backward_tasks
+
+
+def fit_host_model(
+    one_device: HostTiming,
+    calibration: tuple[HostTiming, HostTiming] | None = None,
+    **options: Any,
+) -> HostModel:
+    """A :class:`HostModel` from measurements that do not run the placement it predicts.
+
+    ``one_device``: the model itself on one device: ``forward_s`` and ``backward_s`` are its
+    per-launch host costs. ``calibration``: one calibration model timed on one device and
+    split across two; the ratios of their per-launch costs are the multi-device factors
+    (forward, backward). ``options`` go to :class:`HostModel` (``backward_threads=``...)."""
+    forward_s, backward_s = one_device.per_launch
+    if calibration is not None:
+        (f1, b1), (f2, b2) = calibration[0].per_launch, calibration[1].per_launch
+        if min(f1, b1) <= 0:
+            raise ValueError("the one-device calibration timing must have host time > 0")
+        options = {"multi_forward": f2 / f1, "multi_backward": b2 / b1, **options}
+    return HostModel(forward_s, backward_s, **options)
 
 
 def _forward_launch_order(graph: OpGraph, fwd: list[int], order: Sequence[str] | None) -> list:
@@ -203,7 +295,12 @@ class _ExecutorReplay:
 
     def __init__(self, graph: OpGraph, devs: np.ndarray, cluster: Cluster, host: HostModel):
         self.g, self.devs, self.c, self.h = graph, devs, cluster, host
-        self.copy_s = host.forward_s if host.copy_s is None else host.copy_s
+        copy_s = host.forward_s if host.copy_s is None else host.copy_s
+        multi = len(set(devs.tolist())) > 1
+        f, b = (host.multi_forward, host.multi_backward) if multi else (1.0, 1.0)
+        #: Host seconds per forward launch, forward copy, backward task and gradient task.
+        self.forward_s, self.copy_s = host.forward_s * f, copy_s * f
+        self.backward_s, self.grad_s = host.backward_s * b, copy_s * b
         kinds = graph.kind
         self.bwd = [k == "backward" for k in kinds]
         self.opt = [k == "optimizer" for k in kinds]
@@ -242,7 +339,7 @@ class _ExecutorReplay:
                         t += self.copy_s
                         self._launch(t, "fcopy", (u, d, sum(sends[u][d].values())))
                         self.copy_rank[(u, d)] = i - 0.5
-            t += self.h.forward_s
+            t += self.forward_s
             self._launch(t, "run", v)
             if not first_use:
                 for dst in sorted(sends.get(v, {})):
@@ -266,7 +363,7 @@ class _ExecutorReplay:
             if self.bwd[b]:
                 seq = seq_of.get(_base_name(g.names[b]), -1)
                 index[b] = len(tasks)
-                tasks.append(("run", b, int(devs[b]), seq, self.h.backward_s))
+                tasks.append(("run", b, int(devs[b]), seq, self.backward_s))
                 deps.append([])
         for b in range(len(g)):
             if not self.bwd[b]:
@@ -284,10 +381,10 @@ class _ExecutorReplay:
                 k = len(tasks)
                 u = fwd_of.get(_base_name(g.names[b]))
                 seq = self.copy_rank.get((u, d), tasks[index[b]][3] + 0.5)
-                tasks.append(("bcopy", (b, d, nbytes, grads), d, seq, self.copy_s))
+                tasks.append(("bcopy", (b, d, nbytes, grads), d, seq, self.grad_s))
                 deps.append([index[c] for c in grads])
                 if self.h.grad_copies == "deferred":  # the wait: a task of b's device thread
-                    tasks.append(("bwait", (b, d), int(devs[b]), seq - 0.25, self.copy_s))
+                    tasks.append(("bwait", (b, d), int(devs[b]), seq - 0.25, self.grad_s))
                     deps.append([k])
                     k += 1
                 deps[index[b]].append(k)
@@ -299,6 +396,7 @@ class _ExecutorReplay:
         ready_at = [t_forward] * len(tasks)
         m = len(self.c)
         free = [t_forward] * m
+        shared = self.h.backward_threads == "shared"
         pending: list[list[int]] = [[] for _ in range(m)]
         for k, task in enumerate(tasks):
             if not left[k]:
@@ -318,6 +416,8 @@ class _ExecutorReplay:
             pending[d].remove(k)
             kind, payload, _, _, cost = tasks[k]
             free[d] = t + cost
+            if shared:  # the threads take turns: none launches while another one does
+                free = [free[d]] * m
             self._launch(free[d], kind, payload)
             for u in users[k]:
                 ready_at[u] = max(ready_at[u], free[d])
@@ -329,6 +429,17 @@ class _ExecutorReplay:
         for v in range(len(g)):
             if self.opt[v]:
                 self._launch(done, "run", v)
+
+    def host_phases(self) -> dict[str, float]:
+        """Host seconds to launch the forward (ops and copies) and to run ``backward()``."""
+        fwd, bwd = [0.0], []
+        for t, kind, x in self.launches:
+            if kind == "fcopy" or (kind == "run" and self.fwd[x]):
+                fwd.append(t)
+            elif kind != "run" or self.bwd[x]:  # gradient copies and waits, backward nodes
+                bwd.append(t)
+        t_fwd = max(fwd)
+        return {"host_forward_s": t_fwd, "host_backward_s": max(bwd, default=t_fwd) - t_fwd}
 
     def devices(self) -> tuple[np.ndarray, np.ndarray, list[Transfer]]:
         """Start and end per node and the copies, replaying the launches in host-time order:
@@ -342,6 +453,12 @@ class _ExecutorReplay:
         garrival: dict[tuple[int, int], float] = {}  # gradient copies (backward node, device)
         first_user: dict[tuple[int, int], int] = {}
         transfers: list[Transfer] = []
+        # Copy/compute contention: the byte-moving part of each copy per device it touches,
+        # and each device's compute, so whichever of an overlapping pair comes second in
+        # launch order pays ``copy_slowdown`` x the overlap on that device's stream.
+        slow = c.copy_slowdown
+        copying: list[list[tuple[float, float]]] = [[] for _ in range(len(c))]
+        computing: list[list[tuple[float, float]]] = [[] for _ in range(len(c))]
         launches = sorted(enumerate(self.launches), key=lambda x: (x[1][0], x[0]))
         for _, (t, kind, x) in launches:
             if kind == "run":
@@ -354,8 +471,12 @@ class _ExecutorReplay:
                         r = max(r, arrival.get((u, d), end[u]))
                         first_user.setdefault((u, d), v)
                     # a remote gradient: its copy already holds this stream (below)
-                start[v], end[v] = r, r + g.compute[v]
-                stream[d] = end[v]
+                e = r + g.compute[v]
+                if slow:
+                    e += slow * overlap_seconds(copying[d], r, e)
+                    computing[d].append((r, e))
+                start[v], end[v] = r, e
+                stream[d] = e
                 continue
             if kind == "bwait":  # the producer device's stream waits for its gradient copy
                 b, src = x
@@ -377,6 +498,11 @@ class _ExecutorReplay:
             s = max(t, wait, chan.get(key, 0.0))
             e = s + c.latency[src][dst] + nbytes * c.per_byte[src][dst]
             chan[key] = e
+            if slow:
+                moving = (e - nbytes * c.per_byte[src][dst], e)
+                for dd in (src, dst):
+                    stream[dd] += slow * overlap_seconds(computing[dd], *moving)
+                    copying[dd].append(moving)
             if kind == "fcopy":
                 arrival[(v, dst)] = e
                 transfers.append(Transfer(v, v, src, dst, nbytes, s, e))
@@ -389,6 +515,11 @@ class _ExecutorReplay:
             if tr.producer == tr.consumer and (tr.producer, tr.dst) in first_user:
                 tr.consumer = first_user[(tr.producer, tr.dst)]
         return start, end, transfers
+
+
+def overlap_seconds(intervals: Sequence[tuple[float, float]], a: float, b: float) -> float:
+    """Total overlap of ``[a, b]`` with ``intervals`` (each ``(start, end)``)."""
+    return sum(max(0.0, min(b, y) - max(a, x)) for x, y in intervals)
 
 
 def host_launch_times(
@@ -445,10 +576,12 @@ def simulate(
         release_memory=release_memory,
         contention=contention,
     ).run()
+    extra: dict[str, Any] = {"host_model": host is not None}
     if host is not None:
         replay = _ExecutorReplay(graph, devs, cluster, host)
         replay.host(order)
         start, end, transfers = replay.devices()
         launched = sorted(range(len(graph)), key=lambda v: (replay.launch_time[v], v))
         sched = Schedule(devs, start, end, sched.peak_memory, transfers, launched)
-    return finish(algorithm, graph, cluster, sched, t0, host_model=host is not None)
+        extra.update(replay.host_phases())
+    return finish(algorithm, graph, cluster, sched, t0, **extra)
