@@ -60,7 +60,7 @@ from scaledl.medical.recist_train import (
 BACKGROUNDS = Path(__file__).resolve().parent / "data" / "recist_backgrounds_256.npz"
 
 FULL = dict(size=256, n_train=2000, n_test=300, steps=3000, batch=32, width=32, stride=2, k=40,
-            rn_width=32, time_limit=100.0, lr=1e-3)  # fmt: skip
+            rn_width=32, time_limit=150.0, lr=1e-3)  # fmt: skip
 QUICK = dict(size=96, n_train=48, n_test=16, steps=8, batch=4, width=8, stride=2, k=12,
              rn_width=8, time_limit=20.0, lr=2e-3)  # fmt: skip
 

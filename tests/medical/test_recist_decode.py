@@ -41,3 +41,18 @@ def test_decode_batch_spacing_per_image():
         decode_batch(hm, off, stride=1, spacing=np.ones((3, 2)))
     with pytest.raises(ValueError, match="center_pool"):
         decode_batch(hm, off, stride=1, spacing=1.0, center_pool=2)
+
+
+def test_axes_crossing_near_an_end_are_rejected():
+    """``crossing_min`` rejects a short axis that crosses the long one 11% from its end."""
+    hm, off = torch.zeros(1, 5, 32, 32), torch.zeros(1, 8, 32, 32)
+    # long (2, 10)-(30, 10), short (5, 2)-(5, 18): crossing at t = 3/28, u = 1/2
+    for k, (x, y) in enumerate([(2, 10), (30, 10), (5, 2), (5, 18), (5, 10)]):
+        hm[:, k, y, x] = 0.9
+    assert decode_batch(hm, off, stride=1, spacing=1.0, crossing_min=0.15) == [[]]
+    (det,) = decode_batch(hm, off, stride=1, spacing=1.0)[0]  # default: any crossing
+    assert (det.long_mm, det.short_mm) == (28.0, 16.0)
+    # the crossing at 3/28 = 0.107 passes a 0.1 bound
+    assert len(decode_batch(hm, off, stride=1, spacing=1.0, crossing_min=0.1)[0]) == 1
+    with pytest.raises(ValueError, match="crossing_min"):
+        decode_batch(hm, off, stride=1, spacing=1.0, crossing_min=0.5)
