@@ -7,12 +7,14 @@ algebra in a few element-wise steps; on CUDA :func:`torch.compile` (``dynamic=Tr
 bucket sizes do not recompile) turns each into one Triton kernel. They are ordinary torch
 code, so on CPU (or where compilation fails) they run eagerly and give the same results.
 
-Exactness: every value is computed with the same floating-point operations as the eager
-compressors. Scales are reduced by the compressors' own (eager) norm kernels, the world-size
-pre-scale is a multiplication only when it is exact (``n`` a power of two) and the sum of the
-ranks' decoded payloads adds them left to right (which for two ranks is the eager sum). So for
-one and two ranks the fused path is bit-identical to the eager one (payload bytes, residuals,
-decoded gradients); with more ranks the server's sum may round differently in the last bit.
+Exactness: values are computed with the same floating-point operations as the eager
+compressors, in the same order, with two exceptions. The error-fed 1-bit steps
+(:func:`onebit_encode_with_feedback`, :func:`onebit_server`) reduce their scales in the fused
+kernel, in another summation order than ``torch.linalg.vector_norm`` (the scale differs by
+rounding; signs and layout do not); :func:`onebit_encode` keeps the compressor's own norm and
+is exact. And the server adds the ranks' decoded rows left to right, which is the eager sum
+for two ranks only. The world-size pre-scale is a multiplication only where that is exact
+(``n`` a power of two).
 
 :class:`Kernel` compiles lazily, on the first CUDA call; if compiling or running the compiled
 kernel fails it warns once and runs the eager function from then on.
@@ -20,6 +22,7 @@ kernel fails it warns once and runs the eager function from then on.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +37,8 @@ __all__ = [
     "exact_prescale",
     "onebit_decode_into",
     "onebit_encode",
+    "onebit_encode_with_feedback",
+    "onebit_server",
     "onebit_server_sum",
     "prepare",
     "scatter_decode_into",
@@ -135,6 +140,54 @@ def _onebit_server_sum(
     return acc + error
 
 
+# The error-fed paths recompute p = (what is compressed) in both of their passes instead of
+# storing it: a reduction pass for the scale, then one pass that packs the signs and writes
+# the residual. ``norm`` is 1 (mean |p|) or 2 (l2 norm).
+def _row_sums(p: torch.Tensor, norm: int) -> torch.Tensor:
+    return (p.abs() if norm == 1 else p * p).sum(1)
+
+
+def _worker_p(src: torch.Tensor, error: torch.Tensor, factor: float, rows: int) -> torch.Tensor:
+    return _prepare(src, error, factor).view(rows, -1)
+
+
+def _onebit_worker_sums(
+    src: torch.Tensor, error: torch.Tensor, factor: float, rows: int, norm: int
+) -> torch.Tensor:
+    return _row_sums(_worker_p(src, error, factor, rows), norm)
+
+
+def _onebit_worker_pack(
+    src: torch.Tensor, error: torch.Tensor, factor: float, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _onebit_pack_residual(_worker_p(src, error, factor, scale.shape[0]), scale)
+
+
+def _server_p(
+    bits: torch.Tensor, scale_rows: torch.Tensor, error: torch.Tensor, valid: int
+) -> torch.Tensor:
+    # the shard's padding (from ``valid`` on) sums to zero before the error is added
+    s = _onebit_server_sum(bits, scale_rows, torch.zeros_like(error))
+    keep = torch.arange(error.shape[0], device=error.device) < valid
+    return (torch.where(keep, s, 0.0) + error).view(1, -1)
+
+
+def _onebit_server_sums(
+    bits: torch.Tensor, scale_rows: torch.Tensor, error: torch.Tensor, valid: int, norm: int
+) -> torch.Tensor:
+    return _row_sums(_server_p(bits, scale_rows, error, valid), norm)
+
+
+def _onebit_server_pack(
+    bits: torch.Tensor,
+    scale_rows: torch.Tensor,
+    error: torch.Tensor,
+    valid: int,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _onebit_pack_residual(_server_p(bits, scale_rows, error, valid), scale)
+
+
 def _onebit_decode_into(out: torch.Tensor, bits: torch.Tensor, scale_rows: torch.Tensor) -> None:
     out.copy_(_onebit_signed(bits, scale_rows).reshape(-1)[: out.shape[0]])
 
@@ -144,8 +197,22 @@ _PACK_RESIDUAL = Kernel(_onebit_pack_residual)
 _PACK = Kernel(_onebit_pack)
 _SERVER_SUM = Kernel(_onebit_server_sum)
 _DECODE_INTO = Kernel(_onebit_decode_into)
+_WORKER_SUMS = Kernel(_onebit_worker_sums)
+_WORKER_PACK = Kernel(_onebit_worker_pack)
+_SERVER_SUMS = Kernel(_onebit_server_sums)
+_SERVER_PACK = Kernel(_onebit_server_pack)
 #: every compiled kernel of this module (for tests and diagnostics)
-KERNELS = (_PREPARE, _PACK_RESIDUAL, _PACK, _SERVER_SUM, _DECODE_INTO)
+KERNELS = (
+    _PREPARE,
+    _PACK_RESIDUAL,
+    _PACK,
+    _SERVER_SUM,
+    _DECODE_INTO,
+    _WORKER_SUMS,
+    _WORKER_PACK,
+    _SERVER_SUMS,
+    _SERVER_PACK,
+)
 
 
 # ------------------------------------------------------------------------------ public
@@ -183,16 +250,78 @@ def onebit_encode(
     """
     if p.dim() != 2 or p.dtype != torch.float32:
         raise ValueError(f"onebit_encode takes a 2-D fp32 tensor, got {p.dtype} {tuple(p.shape)}")
-    rows = p.shape[0]
-    scale = compressor._scale(p).view(rows, 1)
+    scale = compressor._scale(p).view(p.shape[0], 1)
     if residual:
         packed, res = _PACK_RESIDUAL(p, scale, device=p.device)
     else:
         packed, res = _PACK(p, device=p.device), None
-    out = torch.empty(rows, 4 + packed.shape[1], dtype=torch.uint8, device=p.device)
+    return _payloads(scale, packed), res
+
+
+def _norm(compressor: Any) -> int:
+    return {"mean_abs": 1, "l2_sqrt_d": 2, "none": 0}[compressor.scale]
+
+
+def _scale_from_sums(compressor: Any, sums: torch.Tensor | None, d: int, rows: int, device):
+    """The compressor's scale formula applied to fused row sums (|p| or p^2)."""
+    d = max(1, d)
+    if sums is None:  # scale "none"
+        return torch.ones(rows, 1, dtype=torch.float32, device=device)
+    if compressor.scale == "mean_abs":
+        return (sums / d).view(rows, 1)
+    return (sums.sqrt() / math.sqrt(d)).view(rows, 1)
+
+
+def _payloads(scale: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    rows = scale.shape[0]
+    out = torch.empty(rows, 4 + packed.shape[1], dtype=torch.uint8, device=packed.device)
     out[:, :4] = _scales_bytes(scale)
     out[:, 4:] = packed
-    return out, res
+    return out
+
+
+def onebit_encode_with_feedback(
+    compressor: Any, src: torch.Tensor, error: torch.Tensor, factor: float, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The worker's error-fed 1-bit step from the raw bucket, in two passes.
+
+    ``p = (pad(src * factor) + error).view(rows, -1)`` is never stored: one pass reduces
+    the row scales, one packs the signs of ``p`` and writes the residual ``p - D(C(p))``.
+    Returns ``(payloads (rows, bytes), residual (rows, d))``. Signs, payload layout and the
+    scale formula are the compressor's; the scale's sum runs in another order than
+    ``compress_batch``'s norm (a relative difference of order 1e-7).
+    """
+    if src.dim() != 1 or error.dim() != 1 or src.numel() > error.numel() or error.numel() % rows:
+        raise ValueError(
+            f"a 1-D source of {src.numel()} elements and a 1-D error of {error.numel()} do "
+            f"not make {rows} padded rows"
+        )
+    dev, d, norm = src.device, error.numel() // rows, _norm(compressor)
+    sums = _WORKER_SUMS(src, error, float(factor), rows, norm, device=dev) if norm else None
+    scale = _scale_from_sums(compressor, sums, d, rows, dev)
+    packed, res = _WORKER_PACK(src, error, float(factor), scale, device=dev)
+    return _payloads(scale, packed), res
+
+
+def onebit_server(
+    compressor: Any, payloads: torch.Tensor, length: int, error: torch.Tensor, valid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-way server's 1-bit step on the shard it owns, in two passes.
+
+    ``p = sum of the decoded rows of payloads`` (left to right, zero from ``valid`` on, the
+    shard's padding) ``+ error`` is never stored: one pass reduces the scale, one packs and
+    writes the residual. Returns ``(payload (1, bytes), residual (length,))``.
+    """
+    bits, scale_rows = _split_onebit(payloads, length)
+    if error.shape != (length,) or not 0 <= valid <= length:
+        raise ValueError(f"server error of shape {tuple(error.shape)} for {length} elements")
+    dev, norm = payloads.device, _norm(compressor)
+    sums = None
+    if norm:
+        sums = _SERVER_SUMS(bits, scale_rows, error, int(valid), norm, device=dev)
+    scale = _scale_from_sums(compressor, sums, length, 1, dev)
+    packed, res = _SERVER_PACK(bits, scale_rows, error, int(valid), scale, device=dev)
+    return _payloads(scale, packed), res.view(-1)
 
 
 def _split_onebit(payloads: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

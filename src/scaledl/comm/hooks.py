@@ -533,13 +533,24 @@ def _prescaled(buffer: torch.Tensor, n: int, padded: int) -> torch.Tensor:
 # the error-feedback add are one pass reading the bucket, 1-bit packing and its residual are
 # one pass, the server decodes and sums in one pass, and the final decode writes straight
 # into the bucket (which is returned, so DDP copies nothing).
+def _simple(ef: ErrorFeedback) -> bool:
+    """Plain error feedback (p = x + e): the case the one-pass kernels implement."""
+    return ef.mode in ("vanilla", "sparse") and not ef.momentum
+
+
+def _check_sparse(state: CompressionState, bs: _BucketState) -> None:
+    for ef in (bs.worker, bs.server):
+        if ef.mode == "sparse":
+            _check_mode("sparse", state.compressor)
+
+
 def _fused_prepare(
     state: CompressionState, bs: _BucketState, buffer: torch.Tensor, n: int, lr: float | None
 ) -> torch.Tensor:
     """The worker's error-corrected fp32 buffer ``p`` (padded), in one pass where exact."""
     ef = bs.worker
     factor = fk.exact_prescale(n)
-    if ef.mode in ("vanilla", "sparse") and not ef.momentum and factor is not None:
+    if _simple(ef) and factor is not None:
         return fk.prepare(buffer, _error_buffer(ef, bs.padded, buffer.device), factor)
     # momentum, lr-corrected EF, no EF or a world size that is not a power of two: eager
     return ef.prepare(_prescaled(buffer, n, bs.padded), lr, inplace=True)
@@ -559,24 +570,34 @@ def _two_way_fused(
     numel, length = bs.numel, bs.padded // n
     keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
     lr = state.current_lr()
-    comp, server = state.compressor, bs.server
+    comp, worker, server = state.compressor, bs.worker, bs.server
     onebit = isinstance(comp, OneBitCompressor)
     device = buffer.device
+    _check_sparse(state, bs)
     t0 = time.perf_counter()
     with _codec():
-        p = _fused_prepare(state, bs, buffer, n, lr)
-        send = fk.encode_rows(comp, bs.worker, p.view(n, length), keys)
-        _zero_padding(bs.worker.error, numel)
+        factor = fk.exact_prescale(n)
+        if onebit and _simple(worker) and factor is not None:
+            # scale pass + pack/residual pass, both reading the bucket and the error
+            error = _error_buffer(worker, bs.padded, device)
+            send, res = fk.onebit_encode_with_feedback(comp, buffer, error, factor, n)
+            worker.error = res.view(-1)
+            send = send.view(-1)
+        else:
+            p = _fused_prepare(state, bs, buffer, n, lr)
+            send = fk.encode_rows(comp, worker, p.view(n, length), keys)
+        _zero_padding(worker.error, numel)
     t0 = state._tick("compress", t0, device)
     recv = _rows(_all_to_all(state, send, n), n)
     t0 = state._tick("communicate", t0, device)
     with _codec():
         valid = _valid(numel, rank, length)
-        simple = server.mode in ("vanilla", "sparse") and onebit
-        if simple:  # decode, sum and add the server error in one pass
+        if onebit and _simple(server):  # decode + sum + error: recomputed in both passes
             error = _error_buffer(server, length, device)
-            p = fk.onebit_server_sum(recv, length, error)
-            p[valid:] = error[valid:] + 0.0  # padding: 0 + error, as the eager path
+            payload, server.error = fk.onebit_server(
+                state.server_compressor, recv, length, error, valid
+            )
+            payload = payload.view(-1)
         else:
             if onebit:
                 s = fk.onebit_server_sum(recv, length, torch.zeros(length, device=device))
@@ -586,7 +607,7 @@ def _two_way_fused(
                     s.scatter_add_(0, idx, vals)
             s[valid:] = 0.0
             p = server.prepare(s, lr, inplace=True)
-        payload = fk.encode_rows(state.server_compressor, server, p.view(1, length), [keys[rank]])
+            payload = fk.encode_rows(state.server_compressor, server, p.view(1, -1), [keys[rank]])
     t0 = state._tick("compress", t0, device)
     allc = _rows(_all_gather(state, payload, n), n)
     t0 = state._tick("communicate", t0, device)
@@ -607,8 +628,7 @@ def _allreduce_fused(
     keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
     length = bs.padded // n
     comp = state.compressor
-    if bs.worker.mode == "sparse":
-        _check_mode("sparse", comp)
+    _check_sparse(state, bs)
     t0 = time.perf_counter()
     with _codec():
         p = _fused_prepare(state, bs, buffer, n, state.current_lr())
