@@ -587,14 +587,28 @@ def calibrate_host(model, fx_names, devices, inputs, leaves, graph, steps=10) ->
     return host_timing(meas, backward_nodes(graph))
 
 
-def calibration_chain(quick: bool) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
-    """The multi-device host calibration model: a chain of small Linear + ReLU layers whose
-    kernels take a few microseconds, so the step's host time is launch cost only."""
-    width, blocks, batch = (32, 12, 8) if quick else (512, 24, 64)
-    layers: list[torch.nn.Module] = []
-    for _ in range(blocks):
-        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers), (torch.randn(batch, width),)
+def calibration_chain(kind: str, quick: bool):
+    """A multi-device host calibration model: a chain of small layers of the benchmark
+    model's kind (``linear``: Linear + ReLU; ``conv``: Inception's ConvBNReLU unit) whose
+    kernels take microseconds, so the step's host time is launch cost only. Returns the
+    model, its inputs and its leaf modules."""
+    blocks = 12 if quick else 24
+    if kind == "linear":
+        width, batch = (32, 8) if quick else (512, 64)
+        layers: list[torch.nn.Module] = []
+        for _ in range(blocks):
+            layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers), (torch.randn(batch, width),), ()
+    if kind == "conv":
+        ch, side, batch = (4, 8, 2) if quick else (16, 16, 8)
+        layers = [ConvBNReLU(ch, ch, 3) for _ in range(blocks)]
+        return torch.nn.Sequential(*layers), (torch.randn(batch, ch, side, side),), (ConvBNReLU,)
+    raise ValueError(f"unknown calibration chain {kind!r}; choose linear or conv")
+
+
+#: The calibration chain of each benchmark model: its own kind of layer (a launch's host cost
+#: depends on the op: cuBLAS vs cuDNN convolution and batch norm).
+MODEL_CHAIN = {"branches": "linear", "transformer": "linear", "inception": "conv"}
 
 
 #: Layouts of the calibration chain: position i of its n fx nodes -> device.
@@ -606,21 +620,21 @@ CHAIN_LAYOUTS: dict[str, Callable[[int, int], int]] = {
 }
 
 
-def calibrate_multi_device(devices, steps: int, quick: bool) -> dict[str, Any]:
-    """Host time of the calibration chain in each :data:`CHAIN_LAYOUTS` layout (a model none of
+def calibrate_multi_device(devices, steps: int, quick: bool, kind: str = "linear") -> dict:
+    """Host time of a calibration chain in each :data:`CHAIN_LAYOUTS` layout (a model none of
     the benchmark's placements use). The multi-device host factors are the per-launch ratios
     of ``alternating`` over ``one device``; the others tell a slower launch path to GPU 1
     (``other device``) from a cost of using two GPUs at all (``halves``)."""
     torch.manual_seed(0)
-    model, inputs = calibration_chain(quick)
-    graph = trace(model, inputs).op_graph()
-    names = [n.name for n in symbolic_trace(model).graph.nodes if n.op != "output"]
+    model, inputs, leaves = calibration_chain(kind, quick)
+    graph = trace(model, inputs, leaf_modules=leaves).op_graph()
+    names = [n.name for n in symbolic_trace(model, leaves).graph.nodes if n.op != "output"]
     model = model.to(devices[0])
     inputs = tuple(x.to(devices[0]) for x in inputs)
-    out: dict[str, Any] = {"timings": {}, "per_launch_us": {}}
+    out: dict[str, Any] = {"chain": kind, "timings": {}, "per_launch_us": {}}
     for label, rule in CHAIN_LAYOUTS.items():
         fx = {name: rule(i, len(names)) for i, name in enumerate(names)}
-        meas = measure_step(model, fx, devices, inputs, steps, 3)
+        meas = measure_step(model, fx, devices, inputs, steps, 3, leaves)
         if meas["step_s"] is None:
             raise RuntimeError(f"multi-device host calibration ({label}) failed: {meas['error']}")
         timing = host_timing(meas, backward_nodes(graph))
@@ -629,7 +643,6 @@ def calibrate_multi_device(devices, steps: int, quick: bool) -> dict[str, Any]:
     return out
 
 
-# -- main ---------------------------------------------------------------------------------------
 def replay_terms(
     graph, gp, clusters, hosts: dict[str, HostModel], order, meas, barrier: str
 ) -> dict[str, float]:
@@ -692,7 +705,7 @@ def run_model(
     barrier = "deferred" if grad_copies == "deferred" else "barrier"
     # The host model: this model's one-device launch costs, autograd's threads taking turns,
     # and the two-device factors of the calibration chain (none of these placements).
-    chain = calib["chain"]["timings"]
+    chain = calib["chains"][MODEL_CHAIN[name]]["timings"]
     hosts = {
         "one-gpu": fit_host_model(timing, grad_copies=barrier),
         "full": fit_host_model(
@@ -930,15 +943,17 @@ def simulated_clusters(graph, comm, single_est: int, contention: str) -> list[di
     return out
 
 
-def calibrate(devices, quick: bool) -> dict[str, Any]:
-    """The run's placement-independent calibrations: the calibration chain's host time on one
-    and two devices, and compute slowed by a concurrent copy."""
-    chain = calibrate_multi_device(devices, steps=3 if quick else 20, quick=quick)
-    one, two = (chain["per_launch_us"][k] for k in ("one device", "alternating"))
-    print(
-        f"host per launch, calibration chain (forward / backward task): one device "
-        f"{one[0]:.1f} / {one[1]:.1f} us, two devices {two[0]:.1f} / {two[1]:.1f} us"
-    )
+def calibrate(devices, quick: bool, models: list[str]) -> dict[str, Any]:
+    """The run's placement-independent calibrations: each needed calibration chain's host
+    time on one and on two devices, and compute slowed by a concurrent copy."""
+    chains = {}
+    for kind in dict.fromkeys(MODEL_CHAIN[m] for m in models):
+        chains[kind] = chain = calibrate_multi_device(devices, 3 if quick else 20, quick, kind)
+        one, two = (chain["per_launch_us"][k] for k in ("one device", "alternating"))
+        print(
+            f"host per launch, {kind} calibration chain (forward / backward task): one device "
+            f"{one[0]:.1f} / {one[1]:.1f} us, two devices {two[0]:.1f} / {two[1]:.1f} us"
+        )
     src, dst = str(devices[0]), str(devices[1])
     if quick:
         samples = copy_contention(
@@ -955,7 +970,7 @@ def calibrate(devices, quick: bool) -> dict[str, Any]:
         + f" -> copy_slowdown {slowdown:.3f}"
     )
     release_device_memory(devices)
-    return {"chain": chain, "contention": samples, "copy_slowdown": slowdown}
+    return {"chains": chains, "contention": samples, "copy_slowdown": slowdown}
 
 
 def print_terms(infos: list[dict[str, Any]]) -> None:
@@ -1121,7 +1136,7 @@ def main() -> None:
         f"strided copy cost fit (not used; tensors are sent dense): "
         f"{strided.latency_s * 1e6:.1f} us + bytes / {strided.bandwidth / 1e9:.2f} GB/s"
     )
-    calib = calibrate(devices, args.quick)
+    calib = calibrate(devices, args.quick, args.models)
     t0 = time.perf_counter()
     all_rows, infos = [], []
     for name in args.models:
@@ -1233,8 +1248,11 @@ def main() -> None:
             },
             "args": {k: v for k, v in vars(args).items() if k != "out"},
             "host_calibration": {
-                "per_launch_us": calib["chain"]["per_launch_us"],
-                "timings": {k: dataclasses.asdict(t) for k, t in calib["chain"]["timings"].items()},
+                kind: {
+                    "per_launch_us": c["per_launch_us"],
+                    "timings": {k: dataclasses.asdict(t) for k, t in c["timings"].items()},
+                }
+                for kind, c in calib["chains"].items()
             },
             "copy_contention": calib["contention"],
             "copy_slowdown": calib["copy_slowdown"],

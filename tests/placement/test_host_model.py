@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from scaledl.placement import Cluster, CommCost, HostModel, OpGraph, host_launch_times, simulate
+from scaledl.placement import (
+    Cluster,
+    CommCost,
+    HostModel,
+    HostTiming,
+    OpGraph,
+    copy_contention,
+    fit_copy_slowdown,
+    fit_host_model,
+    host_launch_times,
+    simulate,
+)
+from scaledl.placement.simulator import overlap_seconds
 
 MS = 1e-3
 
@@ -175,3 +189,131 @@ def test_launch_order_is_the_simulated_start_order() -> None:
     g, place = _tiny()
     # a 0-1, c 1-2, b 1.1-2.1 (after the copy): c is launched before b.
     assert simulate(g, place, _cluster()).launch_order() == ["a", "c", "b"]
+
+
+def test_shared_backward_threads_take_turns() -> None:
+    """``backward_threads="shared"``: every backward task on one host timeline, the earliest
+    ready first (device 0 on ties), the latest created among those ready."""
+    g, place = _tiny()
+    shared = HostModel(3 * MS, 0.3 * MS, 0.2 * MS, backward_threads="shared")
+    t = dict(zip(g.names, host_launch_times(g, place, shared) / MS))
+    # The forward as before (c at 9.2); then bwd:c 9.2-9.5 (device 0 wins the tie), bwd:b
+    # 9.5-9.8, b's gradient copy 9.8-10.0, device 0's wait 10.0-10.2, bwd:a 10.2-10.5.
+    expect = {"fwd:c": 9.2, "bwd:c": 9.5, "bwd:b": 9.8, "bwd:a": 10.5, "opt:a": 10.5}
+    for k, v in expect.items():
+        assert t[k] == pytest.approx(v), k
+    r = simulate(g, place, _cluster(), host=shared)
+    assert r.extra["host_forward_s"] == pytest.approx(9.2 * MS)
+    assert r.extra["host_backward_s"] == pytest.approx(1.3 * MS)  # 3 x 0.3 + 2 x 0.2, serial
+    # One thread per device overlaps them: backward() returns at 10.2 (1.0 after the forward).
+    assert simulate(g, place, _cluster(), host=HOST).extra["host_backward_s"] == pytest.approx(
+        1.0 * MS
+    )
+    with pytest.raises(ValueError, match="backward_threads"):
+        HostModel(0.0, backward_threads="one")
+
+
+def test_multi_device_factors_scale_host_costs_of_split_placements_only() -> None:
+    g, place = _tiny()
+    host = HostModel(3 * MS, 0.3 * MS, 0.2 * MS, multi_forward=2.0, multi_backward=3.0)
+    t = dict(zip(g.names, host_launch_times(g, place, host) / MS))
+    # Forward x2: a at 6, its copy 6-6.4, b at 12.4, c at 18.4. Backward x3 on each device's
+    # thread: c and b at 19.3; b's gradient copy 19.3-19.9 (device 1), device 0's wait
+    # 19.9-20.5, bwd:a 20.5-21.4.
+    expect = {"fwd:a": 6, "fwd:b": 12.4, "fwd:c": 18.4, "bwd:c": 19.3, "bwd:b": 19.3}
+    expect |= {"bwd:a": 21.4, "opt:a": 21.4}
+    for k, v in expect.items():
+        assert t[k] == pytest.approx(v), k
+    # On one device the one-device costs stay: a at 3, b at 6, c at 9 (no copies).
+    one = dict(zip(g.names, host_launch_times(g, dict.fromkeys(g.names, 0), host) / MS))
+    assert [one[k] for k in ("fwd:a", "fwd:b", "fwd:c")] == pytest.approx([3, 6, 9])
+    with pytest.raises(ValueError, match="multi-device host factors"):
+        HostModel(0.0, multi_forward=0.0)
+
+
+def _contention_graph() -> tuple[OpGraph, dict[str, int], Cluster]:
+    """w (device 1, 3 ms) runs alone; x (device 0, 1 ms) feeds z (device 1) and c (device 0);
+    each copy moves its 4 bytes in 1 ms."""
+    g = _graph(
+        [("fwd:w", 3), ("fwd:x", 1), ("fwd:c", 2), ("fwd:z", 1)],
+        [("fwd:x", "fwd:z"), ("fwd:x", "fwd:c")],
+    )
+    place = {"fwd:w": 1, "fwd:x": 0, "fwd:c": 0, "fwd:z": 1}
+    cluster = Cluster([10**9] * 2, CommCost(0.0, 0.25 * MS), contention="none")
+    return g, place, cluster
+
+
+def test_copies_slow_compute_on_both_of_their_devices() -> None:
+    g, place, cluster = _contention_graph()
+    order = ["w", "x", "c", "z"]
+    free = HostModel(0.0)
+    plain = simulate(g, place, cluster, host=free, order=order)
+    # Without contention: x 0-1, its copy 1-2, c 1-3, w 0-3, z 3-4.
+    assert plain.makespan == pytest.approx(4 * MS)
+    slowed = replace(cluster, copy_slowdown=0.5)
+    r = simulate(g, place, slowed, host=free, order=order)
+    start = dict(zip(g.names, r.schedule.start / MS))
+    end = dict(zip(g.names, r.schedule.end / MS))
+    # The copy (1-2) overlaps w, already queued on device 1, for 1 ms: device 1's stream is
+    # pushed back 0.5 ms (to 3.5); c, launched after it on device 0, overlaps it for 1 ms and
+    # ends at 3.5; z runs 3.5-4.5.
+    assert end["fwd:c"] == pytest.approx(3.5)
+    assert start["fwd:z"] == pytest.approx(3.5) and end["fwd:z"] == pytest.approx(4.5)
+    assert r.makespan == pytest.approx(4.5 * MS)
+    # Per device: phase ends, busy time (c stretched to 2.5 ms) and the copy device 0 sends.
+    ph = r.phases()
+    assert ph[0]["forward_end_s"] == pytest.approx(3.5 * MS)
+    assert ph[0]["forward_busy_s"] == pytest.approx(3.5 * MS)
+    assert ph[1]["forward_busy_s"] == pytest.approx(4 * MS)
+    assert ph[0]["forward_sent_s"] == pytest.approx(1 * MS) and ph[1]["forward_sent_s"] == 0
+    assert ph[0]["backward_busy_s"] == 0 and ph[0]["optimizer_end_s"] == 0
+    with pytest.raises(ValueError, match="copy_slowdown"):
+        replace(cluster, copy_slowdown=-0.1)
+
+
+def test_overlap_seconds() -> None:
+    assert overlap_seconds([(0, 1), (2, 4)], 0.5, 3) == pytest.approx(1.5)
+    assert overlap_seconds([], 0, 1) == 0 and overlap_seconds([(0, 1)], 1, 2) == 0
+
+
+def test_fit_host_model_from_one_device_and_calibration_timings() -> None:
+    model = HostTiming(forward_s=10 * MS, forward_launches=50, backward_s=6 * MS, backward_tasks=40)
+    one = HostTiming(1 * MS, 10, 2 * MS, 20)  # 100 / 100 us
+    two = HostTiming(3 * MS, 20, 5 * MS, 25)  # 150 / 200 us
+    h = fit_host_model(model, (one, two), backward_threads="shared")
+    assert h.forward_s == pytest.approx(0.2 * MS) and h.backward_s == pytest.approx(0.15 * MS)
+    assert h.multi_forward == pytest.approx(1.5) and h.multi_backward == pytest.approx(2.0)
+    assert h.backward_threads == "shared"
+    plain = fit_host_model(model)
+    assert (plain.multi_forward, plain.multi_backward) == (1.0, 1.0)
+    with pytest.raises(ValueError, match=">= 1 launch"):
+        HostTiming(1.0, 0, 1.0, 1)
+    with pytest.raises(ValueError, match="finite"):
+        HostTiming(-1.0, 1, 1.0, 1)
+    with pytest.raises(ValueError, match="host time > 0"):
+        fit_host_model(model, (HostTiming(0.0, 1, 0.0, 1), two))
+
+
+def test_fit_copy_slowdown_is_the_median_ratio_floored_at_zero() -> None:
+    pairs = [(1.0, 1.1), (1.0, 1.3), (2.0, 2.4), (1.0, 0.9)]  # +0.1, +0.3, +0.2, -0.1
+    samples = [{"alone_s": a, "with_copy_s": b} for a, b in pairs]
+    assert fit_copy_slowdown(samples) == pytest.approx(0.15)
+    assert fit_copy_slowdown([{"alone_s": 1.0, "with_copy_s": 0.8}]) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        fit_copy_slowdown([])
+    with pytest.raises(ValueError, match="alone > 0"):
+        fit_copy_slowdown([{"alone_s": 0.0, "with_copy_s": 1.0}])
+
+
+def test_copy_contention_samples_each_side_and_op_on_cpu() -> None:
+    samples = copy_contention(
+        "cpu", "cpu", elements=2**10, matmul_side=16, copy_elements=2**12, repeats=2
+    )
+    assert [(s["side"], s["op"]) for s in samples] == [
+        ("source", "elementwise"),
+        ("source", "matmul"),
+        ("destination", "elementwise"),
+        ("destination", "matmul"),
+    ]
+    assert all(s["alone_s"] > 0 and s["with_copy_s"] > 0 for s in samples)
+    assert fit_copy_slowdown(samples) >= 0

@@ -117,6 +117,53 @@ def test_host_calibration_divides_unsynchronised_host_time_by_launches(bench) ->
     assert 0 < meas["host_forward_s"] + meas["host_backward_s"] <= 1.01 * meas["step_s"] * 2
     host = bench.calibrate_host(model, names, [torch.device("cpu")] * 2, inputs, leaves, graph)
     assert host.forward_s > 0 and host.backward_s > 0
+    # One device: the launches are the fx nodes, the tasks the backward nodes (no copies).
+    assert host.forward_launches == len(names)
+    assert host.backward_tasks == sum(1 for k in graph.kind if k == "backward")
+    # Each copy adds the gradient's copy and the wait for it to the backward's tasks.
+    timing = bench.host_timing(meas, 10)
+    assert timing.backward_tasks == 10 + 2 * meas["copies_per_forward"]
+    assert bench.host_timing(meas, 10, "autograd").backward_tasks == 10 + meas["copies_per_forward"]
+
+
+def test_multi_device_calibration_times_each_layout_of_the_chain(bench) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as --quick does: OpenMP barriers cost more than these ops
+    try:
+        cal = bench.calibrate_multi_device([torch.device("cpu")] * 2, 2, True, "conv")
+    finally:
+        torch.set_num_threads(threads)
+    assert list(cal["timings"]) == list(bench.CHAIN_LAYOUTS)
+    one, alt = cal["timings"]["one device"], cal["timings"]["alternating"]
+    # The input and 12 ConvBNReLU leaves; alternating blocks of 8 nodes put nodes 8-12 on
+    # device 1: one copy, one more forward launch and two more backward tasks.
+    assert one.forward_launches == 13 and alt.forward_launches == 14
+    assert alt.backward_tasks == one.backward_tasks + 2
+    assert all(x > 0 for v in cal["per_launch_us"].values() for x in v)
+    with pytest.raises(ValueError, match="unknown calibration chain"):
+        bench.calibration_chain("rnn", True)
+
+
+def test_profiled_step_has_ordered_host_phase_windows(bench) -> None:
+    model, inputs, leaves, placement = _configuration(bench)
+    pm = bench.PlacedModule(model, placement, [torch.device("cpu")] * 2, leaf_modules=leaves)
+    opt = torch.optim.Adam(pm.parameters())
+    prof = bench.profile_phases(lambda: bench.step_phases(pm, opt, inputs), [torch.device("cpu")])
+    assert "error" not in prof, prof.get("error")
+    w = prof["host_window_ms"]
+    assert list(w) == ["forward", "backward", "optimizer"]
+    assert w["forward"][0] == 0 and w["forward"][1] <= w["backward"][0] <= w["backward"][1]
+    assert w["backward"][1] <= w["optimizer"][0]
+    assert prof["device_ms"] == {}  # no GPU: no kernels or copies to attribute
+
+
+def test_launch_stats_and_phase_ends(bench) -> None:
+    spent = [("a", 1e-3), ("b", 3e-3), ("c", 2e-3), ("d", 5e-3)]
+    stats = bench.launch_stats(spent, {"a": 0, "b": 0, "c": 0, "d": 1})
+    assert stats["0"] == {"launches": 3, "median_ms": pytest.approx(2), "mean_ms": pytest.approx(2)}
+    assert stats["1"]["median_ms"] == pytest.approx(5)
+    assert bench.slowest_launches(spent, 2) == [["d", 5.0], ["b", 3.0]]
+    assert bench.phase_ends_ms([]) == {} and bench.phase_ends_ms([[[], [], [], []]]) == {}
 
 
 def test_caps_are_stated_on_allocated_bytes_and_lifted(bench, monkeypatch) -> None:
