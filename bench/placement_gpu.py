@@ -421,10 +421,14 @@ def profile_phases(step: Callable[[], None], devices) -> dict[str, Any]:
         with profile(activities=acts) as prof:
             step()
             _sync(devices)
-        events = prof.profiler.kineto_results.events()
+        return attribute_events(prof.profiler.kineto_results.events())
     except Exception as exc:  # a diagnostic must not end the benchmark
         traceback.clear_frames(exc.__traceback__)
         return {"error": error_text(exc)}
+
+
+def attribute_events(events) -> dict[str, Any]:
+    """Device milliseconds per ``phase/device`` (kernels and copies) from kineto events."""
     cpu = torch.autograd.DeviceType.CPU
     windows, launched = {}, {}
     for e in events:
@@ -449,9 +453,8 @@ def profile_phases(step: Callable[[], None], devices) -> dict[str, Any]:
             t = e.start_ns()
         phase = next((k for k, (a, b) in windows.items() if a <= t <= b), "other")
         kind = "copy" if e.name().startswith("Memcpy") else "kernel"
-        row = out["device_ms"].setdefault(
-            f"{phase}/{e.device_index()}", {"kernel": 0.0, "copy": 0.0}
-        )
+        key = f"{phase}/{e.device_index()}"
+        row = out["device_ms"].setdefault(key, {"kernel": 0.0, "copy": 0.0})
         row[kind] += e.duration_ns() / 1e6
     return out
 
@@ -620,7 +623,9 @@ CHAIN_LAYOUTS: dict[str, Callable[[int, int], int]] = {
 }
 
 
-def calibrate_multi_device(devices, steps: int, quick: bool, kind: str = "linear") -> dict:
+def calibrate_multi_device(
+    devices, steps: int, quick: bool, kind: str = "linear", layouts=tuple(CHAIN_LAYOUTS)
+) -> dict:
     """Host time of a calibration chain in each :data:`CHAIN_LAYOUTS` layout (a model none of
     the benchmark's placements use). The multi-device host factors are the per-launch ratios
     of ``alternating`` over ``one device``; the others tell a slower launch path to GPU 1
@@ -632,7 +637,8 @@ def calibrate_multi_device(devices, steps: int, quick: bool, kind: str = "linear
     model = model.to(devices[0])
     inputs = tuple(x.to(devices[0]) for x in inputs)
     out: dict[str, Any] = {"chain": kind, "timings": {}, "per_launch_us": {}}
-    for label, rule in CHAIN_LAYOUTS.items():
+    for label in layouts:
+        rule = CHAIN_LAYOUTS[label]
         fx = {name: rule(i, len(names)) for i, name in enumerate(names)}
         meas = measure_step(model, fx, devices, inputs, steps, 3, leaves)
         if meas["step_s"] is None:
@@ -641,6 +647,35 @@ def calibrate_multi_device(devices, steps: int, quick: bool, kind: str = "linear
         out["timings"][label] = timing
         out["per_launch_us"][label] = [x * 1e6 for x in timing.per_launch]
     return out
+
+
+def chain_now(devices, quick: bool, kind: str) -> tuple[HostTiming, HostTiming]:
+    """The calibration chain's host timing now, on one device and alternating (20 steps)."""
+    cal = calibrate_multi_device(devices, 2 if quick else 20, quick, kind, CHAIN_PAIR)
+    return cal["timings"][CHAIN_PAIR[0]], cal["timings"][CHAIN_PAIR[1]]
+
+
+#: The chain layouts whose per-launch ratio is the multi-device host factor.
+CHAIN_PAIR = ("one device", "alternating")
+
+
+def host_at(
+    timing: HostTiming,
+    ref: tuple[HostTiming, HostTiming],
+    now: tuple[HostTiming, HostTiming],
+    barrier: str,
+) -> HostModel:
+    """The host model with the host's speed now: the model's one-device costs scaled by the
+    calibration chain's one-device per-launch cost now over when the model was calibrated
+    (``ref``), and the chain's multi-device factors now. The host's speed drifts during a
+    run (2 H200s: the same placement measured 15.2 and 22.7 ms of forward host time)."""
+    (f0, b0), (f1, b1) = ref[0].per_launch, now[0].per_launch
+    scaled = dataclasses.replace(
+        timing,
+        forward_s=timing.forward_s * f1 / f0 if f0 > 0 else timing.forward_s,
+        backward_s=timing.backward_s * b1 / b0 if b0 > 0 else timing.backward_s,
+    )
+    return fit_host_model(scaled, now, backward_threads="shared", grad_copies=barrier)
 
 
 def replay_terms(
@@ -698,6 +733,8 @@ def run_model(
     fx_names = [n.name for n in gm.graph.nodes if n.op != "output"]
     spec = {s.name: s for s in traced.specs}
     timing = calibrate_host(model, fx_names, devices, inputs, leaves, graph)
+    chain_kind = MODEL_CHAIN[name]
+    chain_ref = chain_now(devices, args.quick, chain_kind)
     # Deferred gradient copies (the default) must give autograd's gradients; else fall back.
     expert_fx = follow_inputs(gm, expert_rule)
     grad_check = check_grad_copies(model, expert_fx, devices, inputs, leaves)
@@ -788,6 +825,8 @@ def run_model(
             if cand.get("uncapped")
             else runtime_caps(traced.specs, cand["fx"], cand.get("cap", cap), headroom, 2, output)
         )
+        # The host's speed right before this configuration (the chain, not this placement).
+        now = chain_now(devices, args.quick, chain_kind)
         used = grad_copies
         for mode in dict.fromkeys([grad_copies, "autograd"]):
             used = mode
@@ -815,6 +854,8 @@ def run_model(
                 graph, gp, loaded, contention=args.contention, host=replay, order=order
             )
         terms = replay_terms(graph, gp, (cluster, loaded), hosts, order, meas, used_barrier)
+        drift = host_at(timing, chain_ref, now, used_barrier)
+        terms["+ host speed now"] = simulate(graph, gp, loaded, host=drift, order=order).makespan
         fid = {c: _rel_err(s.makespan, meas["step_s"]) for c, s in sims.items()}
         fid_host = _rel_err(sim_host.makespan, meas["step_s"])
         rec.update(
@@ -830,12 +871,19 @@ def run_model(
             simulated_earlier_executor_s=sim_earlier.makespan,
             fidelity_host=fid_host,
             replay_terms_s=terms,
+            host_chain_us={
+                "reference": [[x * 1e6 for x in t.per_launch] for t in chain_ref],
+                "now": [[x * 1e6 for x in t.per_launch] for t in now],
+            },
             replay_terms_fidelity={k: _rel_err(v, meas["step_s"]) for k, v in terms.items()},
             simulated_host_phases_s={
                 "forward": sim_host.extra["host_forward_s"],
                 "backward": sim_host.extra["host_backward_s"],
             },
-            simulated_phases_ms=[{k: v * 1e3 for k, v in row.items()} for row in sim_host.phases()],
+            simulated_phases_ms=[
+                {k.removesuffix("_s") + "_ms": v * 1e3 for k, v in row.items()}
+                for row in sim_host.phases()
+            ],
             **meas,
         )
         records.append(rec)
@@ -980,6 +1028,7 @@ def print_terms(infos: list[dict[str, Any]]) -> None:
         "+ shared backward threads",
         "+ multi-device host",
         "+ copy contention",
+        "+ host speed now",
         "own host rates",
     ]
     rows = []
@@ -1024,11 +1073,11 @@ def print_diagnosis(info: dict[str, Any]) -> None:
                         d,
                         phase,
                         _ms(meas_end[d] if d < len(meas_end) else None),
-                        _ms(sim[f"{phase}_end_s"]),
+                        _ms(sim[f"{phase}_end_ms"]),
                         _ms(got.get("kernel")),
-                        _ms(sim[f"{phase}_busy_s"]),
+                        _ms(sim[f"{phase}_busy_ms"]),
                         _ms(got.get("copy")),
-                        _ms(sim[f"{phase}_sent_s"]),
+                        _ms(sim[f"{phase}_sent_ms"]),
                     ]
                 )
         hs = r["simulated_host_phases_s"]

@@ -240,3 +240,16 @@ def test_summary_compares_baechi_with_the_expert_on_its_own_memory_too(bench) ->
     assert out["vs_expert_same_memory"] == pytest.approx(0.025)
     assert out["max_fidelity_error"] == 0.2 and "vs_equal-pipeline" not in out
     assert "vs_expert_same_memory" not in bench.compare(records[:4])
+
+
+def test_host_speed_now_scales_the_model_costs_by_the_chain(bench) -> None:
+    ms = 1e-3
+    timing = bench.HostTiming(10 * ms, 50, 6 * ms, 40)  # 200 / 150 us per launch
+    ref = (bench.HostTiming(1 * ms, 10, 2 * ms, 20), bench.HostTiming(3 * ms, 20, 5 * ms, 25))
+    now = (bench.HostTiming(2 * ms, 10, 3 * ms, 20), bench.HostTiming(3 * ms, 10, 3 * ms, 10))
+    h = bench.host_at(timing, ref, now, "deferred")
+    # The chain's one-device launch now costs 2x (forward) and 1.5x (backward) of the
+    # reference: the model's costs follow; the factors are the chain's now (1.5, 2).
+    assert h.forward_s == pytest.approx(0.4 * ms) and h.backward_s == pytest.approx(0.225 * ms)
+    assert (h.multi_forward, h.multi_backward) == (pytest.approx(1.5), pytest.approx(2.0))
+    assert h.backward_threads == "shared" and h.grad_copies == "deferred"
