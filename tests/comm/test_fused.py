@@ -74,7 +74,12 @@ def _scales(payloads: torch.Tensor) -> torch.Tensor:
 
 def _check_onebit_feedback(device: str) -> None:
     """The two-pass error-fed steps: same signs and format, scales within rounding."""
-    rows, length, numel = 2, 37, 71  # the last row is cut: 3 padding elements
+    for length in (37, 40):  # partial and whole bytes (separate kernels)
+        _check_onebit_feedback_length(device, length)
+
+
+def _check_onebit_feedback_length(device: str, length: int) -> None:
+    rows, numel = 2, 2 * length - 3  # the last row is cut: 3 padding elements
     for scale in ("mean_abs", "l2_sqrt_d", "none"):
         comp = get_compressor("onebit", scale=scale)
         src, err = _grad_like((numel,), 6, device), _grad_like((rows * length,), 7, device)
