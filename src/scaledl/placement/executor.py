@@ -20,9 +20,9 @@ stream; with ``grad_copies="autograd"`` a hook densifies the gradient autograd s
 The gradient of one input of a channel ``torch.cat`` is a strided slice, and PyTorch copies a
 strided tensor between GPUs with an elementwise kernel on the sending GPU's SMs writing over
 the peer link, not with the copy engines' ``cudaMemcpy`` that the transfer sweep measures:
-slower, and it competes with compute. Placements that split an Inception block's branches
-across GPUs (m-ETF, m-SCT, the expert split) paid this; it is our reading of why they ran
-12-22% slower than simulated on 2 H200s, pending a GPU run with this change.
+slower, and it competes with compute. (On 2 H200s a strided transfer sweep measured no
+slower than a contiguous one; the gap of Inception's split placements to the simulator was
+host time, see ``docs/placement.md``. Dense copies stay: they are what the sweep fits.)
 
 On a machine without several GPUs, logical devices may all map to ``cpu``: the execution,
 the copy bookkeeping and the numerics are the same.
