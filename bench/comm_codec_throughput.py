@@ -49,6 +49,7 @@ EF_PIPELINES = [
     ("onebit", "onebit", {}),
     ("topk 1%", "topk", {"ratio": 0.01}),
     ("randomk 1%", "randomk", {"ratio": 0.01}),
+    ("fp16 cast", "fp16", {}),
 ]
 #: the hook pre-scales by the world size; two ranks
 WORLD = 2
@@ -69,6 +70,10 @@ def ef_pipeline(name: str, opts: dict, x: torch.Tensor, fused: bool) -> tuple:
                 comp, x, ef.error, fk.exact_prescale(WORLD), 1
             )
             ef.error, state["payload"] = res.view(-1), payload.view(-1)
+        elif fused and name == "fp16":  # one pass: error add, cast, residual
+            state["payload"], ef.error = fk.cast_encode_with_feedback(
+                comp, x, ef.error, fk.exact_prescale(WORLD)
+            )
         elif fused:
             p = fk.prepare(x, ef.error, fk.exact_prescale(WORLD))
             state["payload"] = fk.encode_rows(comp, ef, p.view(1, -1), keys)
@@ -85,6 +90,8 @@ def ef_pipeline(name: str, opts: dict, x: torch.Tensor, fused: bool) -> tuple:
             return bucket.copy_(comp.decompress_batch(payload, numel, keys).view(-1))
         if name == "onebit":
             return fk.onebit_decode_into(bucket, payload, numel)
+        if name == "fp16":
+            return bucket.copy_(payload.view(comp.wire_dtype).view(-1))
         return fk.scatter_decode_into(bucket, *fk.sparse_rows(comp, payload, numel, keys), numel)
 
     return comp, encode, decode

@@ -103,6 +103,16 @@ def _check_onebit_feedback_length(device: str, length: int) -> None:
         fk.onebit_encode_with_feedback(comp, src, err[:-1], 0.5, rows)
 
 
+def _check_cast(device: str) -> None:
+    for name in ("fp16", "bf16"):
+        comp = get_compressor(name)
+        src, err = _grad_like((101,), 8, device), _grad_like((104,), 9, device)
+        payload, res = fk.cast_encode_with_feedback(comp, src, err, 0.25)
+        p = _prescaled(src, 4, 104) + err
+        assert torch.equal(payload, comp.compress(p)), name
+        assert torch.equal(res, p - comp.decompress(payload, 104)), name
+
+
 def _check_scatter(device: str) -> None:
     rows, length = 3, 50
     x = _grad_like((rows, length), 4, device)
@@ -134,6 +144,7 @@ def test_fused_functions_equal_eager_algebra_cpu():
     _check_prepare("cpu")
     _check_onebit("cpu")
     _check_onebit_feedback("cpu")
+    _check_cast("cpu")
     _check_scatter("cpu")
 
 
@@ -164,6 +175,7 @@ def test_fused_option_selects_the_exchange():
         dict(compressor="onebit"),
         dict(compressor="topk", mode="two_way"),
         dict(compressor="randomk", mode="allreduce"),
+        dict(compressor="fp16", mode="auto"),
     ):
         assert CompressionState(**cfg, fused=True)._fused_fn(cpu) is not None, cfg
     for cfg in (
@@ -184,6 +196,8 @@ CONFIGS = {
     "randomk_sparse": dict(
         compressor="randomk", compressor_kwargs={"ratio": 0.2}, mode="allreduce", ef="sparse"
     ),
+    "fp16": dict(compressor="fp16", mode="allreduce"),
+    "bf16_no_ef": dict(compressor="bf16", mode="allreduce", ef="none"),
     "randomk_rescaled": dict(
         compressor="randomk",
         compressor_kwargs={"ratio": 0.2, "rescale": True},
@@ -232,7 +246,9 @@ def _check_fused_vs_eager(results: list[dict], world_size: int) -> None:
     for r in results:
         for name, c in r.items():
             assert c["replicas_same"], name
-            exact = name.startswith("randomk") or (world_size <= 2 and name not in FUSED_SCALE)
+            exact = name.startswith(("randomk", "fp16", "bf16")) or (
+                world_size <= 2 and name not in FUSED_SCALE
+            )
             if exact:
                 assert c["param_equal"] and c["error_equal"], (name, c)
             else:  # reordered float sums (scales; the server's sum of more than two rows)
@@ -253,6 +269,7 @@ def test_compiled_kernels_equal_eager_cuda():
     _check_prepare("cuda")
     _check_onebit("cuda")
     _check_onebit_feedback("cuda")
+    _check_cast("cuda")
     _check_scatter("cuda")
     # bucket-sized tensors, odd lengths: still one compiled kernel per function
     comp = get_compressor("onebit")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "Kernel",
+    "cast_encode_with_feedback",
     "compile_available",
     "encode_rows",
     "exact_prescale",
@@ -197,6 +198,14 @@ def _onebit_server_pack(
     return _onebit_pack_residual(_server_p(bits, scale_rows, error, valid), scale)
 
 
+def _cast_encode(
+    src: torch.Tensor, error: torch.Tensor, factor: float, wire: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    p = _prepare(src, error, factor)
+    q = p.to(wire)
+    return q, p - q.to(torch.float32)
+
+
 def _onebit_decode_into(out: torch.Tensor, bits: torch.Tensor, scale_rows: torch.Tensor) -> None:
     out.copy_(_onebit_signed(bits, scale_rows).reshape(-1)[: out.shape[0]])
 
@@ -210,6 +219,7 @@ _WORKER_SUMS = Kernel(_onebit_worker_sums)
 _WORKER_PACK = Kernel(_onebit_worker_pack)
 _SERVER_SUMS = Kernel(_onebit_server_sums)
 _SERVER_PACK = Kernel(_onebit_server_pack)
+_CAST = Kernel(_cast_encode)
 #: every compiled kernel of this module (for tests and diagnostics)
 KERNELS = (
     _PREPARE,
@@ -221,6 +231,7 @@ KERNELS = (
     _WORKER_PACK,
     _SERVER_SUMS,
     _SERVER_PACK,
+    _CAST,
 )
 
 
@@ -331,6 +342,20 @@ def onebit_server(
     scale = _scale_from_sums(compressor, sums, length, 1, dev)
     packed, res = _SERVER_PACK(bits, scale_rows, error, int(valid), scale, device=dev)
     return _payloads(scale, packed), res.view(-1)
+
+
+def cast_encode_with_feedback(
+    compressor: Any, src: torch.Tensor, error: torch.Tensor, factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16/bf16 cast with error feedback in one pass: ``p = pad(src * factor) + error``,
+    payload ``p.to(wire)`` (as flat bytes) and residual ``p - float(payload)``."""
+    if src.dim() != 1 or error.dim() != 1 or src.numel() > error.numel():
+        raise ValueError(
+            f"cast encode needs a 1-D source no longer than the 1-D error buffer, got "
+            f"{tuple(src.shape)} and {tuple(error.shape)}"
+        )
+    q, res = _CAST(src, error, float(factor), compressor.wire_dtype, device=src.device)
+    return q.view(torch.uint8), res
 
 
 def _split_onebit(payloads: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

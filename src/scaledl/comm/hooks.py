@@ -38,6 +38,7 @@ from scaledl.comm import fused as fk
 from scaledl.comm.accounting import CommStats
 from scaledl.comm.base import Compressor
 from scaledl.comm.compressors import (
+    CastCompressor,
     OneBitCompressor,
     RandomKCompressor,
     TopKCompressor,
@@ -103,9 +104,10 @@ class CompressionState:
         cuda_stream: on CUDA, run the exchange on a side stream so that it overlaps with
             the rest of the backward pass.
         fused: fused codec kernels (:mod:`scaledl.comm.fused`) for 1-bit and top-k two-way
-            and random-k all-reduce: ``None`` (default) uses them on CUDA, compiled with
-            ``torch.compile``; ``True`` also on CPU (run eagerly there); ``False`` never.
-            Results equal the eager path (bit-identical for 1 and 2 ranks).
+            and random-k and fp16/bf16 all-reduce. ``None`` (default) uses them on CUDA,
+            compiled with ``torch.compile``; ``True`` also on CPU (run eagerly there);
+            ``False`` never. Results equal the eager path (see docs/comm.md for where they
+            differ by rounding).
     """
 
     def __init__(
@@ -627,19 +629,28 @@ def _allreduce_fused(
 ) -> torch.Tensor:
     keys = [derive_key(state.seed, it, bi, j) for j in range(n)]
     length = bs.padded // n
-    comp = state.compressor
+    comp, worker = state.compressor, bs.worker
+    cast = isinstance(comp, CastCompressor)
     _check_sparse(state, bs)
     t0 = time.perf_counter()
     with _codec():
-        p = _fused_prepare(state, bs, buffer, n, state.current_lr())
-        payload = fk.encode_rows(comp, bs.worker, p.view(n, length), keys)
-        _zero_padding(bs.worker.error, bs.numel)
+        factor = fk.exact_prescale(n)
+        if cast and _simple(worker) and factor is not None:  # one pass: p, cast, residual
+            error = _error_buffer(worker, bs.padded, buffer.device)
+            payload, worker.error = fk.cast_encode_with_feedback(comp, buffer, error, factor)
+        else:
+            p = _fused_prepare(state, bs, buffer, n, state.current_lr())
+            payload = fk.encode_rows(comp, worker, p.view(n, length), keys)
+        _zero_padding(worker.error, bs.numel)
     t0 = state._tick("compress", t0, buffer.device)
     payload = _allreduce_payload(state, payload, n)
     t0 = state._tick("communicate", t0, buffer.device)
     with _codec():
-        idx, vals = fk.sparse_rows(comp, _rows(payload, n), length, keys)
-        fk.scatter_decode_into(buffer, idx, vals, length, add=comp.rescale)
+        if cast:  # the summed casts, widened straight into the bucket
+            buffer.copy_(payload.view(comp.wire_dtype)[: bs.numel])
+        else:
+            idx, vals = fk.sparse_rows(comp, _rows(payload, n), length, keys)
+            fk.scatter_decode_into(buffer, idx, vals, length, add=comp.rescale)
     state._tick("compress", t0, buffer.device)
     state.stats.record_baseline(_ring_allreduce_bytes(4 * bs.numel, n))
     return buffer
@@ -650,6 +661,7 @@ _FUSED_MODE_FN: dict[tuple[type, str], Callable[..., torch.Tensor]] = {
     (OneBitCompressor, "two_way"): _two_way_fused,
     (TopKCompressor, "two_way"): _two_way_fused,
     (RandomKCompressor, "allreduce"): _allreduce_fused,
+    (CastCompressor, "allreduce"): _allreduce_fused,
 }
 
 
