@@ -572,6 +572,7 @@ def host_timing(meas: dict[str, Any], backward_nodes: int, grad_copies: str = "d
         forward_launches=meas["launches_per_forward"],
         backward_s=meas["host_backward_s"],
         backward_tasks=max(backward_nodes + per_copy * meas["copies_per_forward"], 1),
+        optimizer_s=meas["host_optimizer_s"],
     )
 
 
@@ -667,13 +668,16 @@ def host_at(
 ) -> HostModel:
     """The host model with the host's speed now: the model's one-device costs scaled by the
     calibration chain's one-device per-launch cost now over when the model was calibrated
-    (``ref``), and the chain's multi-device factors now. The host's speed drifts during a
+    (``ref``; the optimizer's host time as the forward's), and the chain's multi-device
+    factors now. The host's speed drifts during a
     run (2 H200s: the same placement measured 15.2 and 22.7 ms of forward host time)."""
     (f0, b0), (f1, b1) = ref[0].per_launch, now[0].per_launch
+    speed_f = f1 / f0 if f0 > 0 else 1.0
     scaled = dataclasses.replace(
         timing,
-        forward_s=timing.forward_s * f1 / f0 if f0 > 0 else timing.forward_s,
+        forward_s=timing.forward_s * speed_f,
         backward_s=timing.backward_s * b1 / b0 if b0 > 0 else timing.backward_s,
+        optimizer_s=timing.optimizer_s * speed_f,
     )
     return fit_host_model(scaled, now, backward_threads="shared", grad_copies=barrier)
 
@@ -685,14 +689,14 @@ def replay_terms(
     last), and with this configuration's own measured host costs (a diagnostic, not a
     prediction: it uses the measurement it is compared with)."""
     plain, loaded = clusters
-    one_gpu = dataclasses.replace(hosts["one-gpu"], grad_copies=barrier)
     full = dataclasses.replace(hosts["full"], grad_copies=barrier)
+    # The a152ba8 model: one-GPU launch costs, one backward thread per device, no optimizer.
+    base = dataclasses.replace(hosts["one-gpu"], grad_copies=barrier, optimizer_s=0.0)
+    shared = dataclasses.replace(base, backward_threads="shared")
     steps = {
-        "one-GPU host": (one_gpu, plain),
-        "+ shared backward threads": (
-            dataclasses.replace(one_gpu, backward_threads="shared"),
-            plain,
-        ),
+        "one-GPU host": (base, plain),
+        "+ shared backward threads": (shared, plain),
+        "+ optimizer host": (dataclasses.replace(shared, optimizer_s=full.optimizer_s), plain),
         "+ multi-device host": (full, plain),
         "+ copy contention": (full, loaded),
     }
@@ -879,6 +883,7 @@ def run_model(
             simulated_host_phases_s={
                 "forward": sim_host.extra["host_forward_s"],
                 "backward": sim_host.extra["host_backward_s"],
+                "optimizer": sim_host.extra["host_optimizer_s"],
             },
             simulated_phases_ms=[
                 {k.removesuffix("_s") + "_ms": v * 1e3 for k, v in row.items()}
@@ -1026,6 +1031,7 @@ def print_terms(infos: list[dict[str, Any]]) -> None:
     terms = [
         "one-GPU host",
         "+ shared backward threads",
+        "+ optimizer host",
         "+ multi-device host",
         "+ copy contention",
         "+ host speed now",
@@ -1088,7 +1094,8 @@ def print_diagnosis(info: dict[str, Any]) -> None:
                 "fwd / bwd / opt",
                 f"{r['host_forward_s'] * 1e3:.2f} / {r['host_backward_s'] * 1e3:.2f} / "
                 f"{r['host_optimizer_s'] * 1e3:.2f}",
-                f"{hs['forward'] * 1e3:.2f} / {hs['backward'] * 1e3:.2f} / -",
+                f"{hs['forward'] * 1e3:.2f} / {hs['backward'] * 1e3:.2f} / "
+                f"{hs['optimizer'] * 1e3:.2f}",
                 "-",
                 "-",
                 "-",

@@ -286,6 +286,8 @@ def test_fit_host_model_from_one_device_and_calibration_timings() -> None:
     assert h.backward_threads == "shared"
     plain = fit_host_model(model)
     assert (plain.multi_forward, plain.multi_backward) == (1.0, 1.0)
+    assert plain.optimizer_s == 0.0
+    assert fit_host_model(replace(model, optimizer_s=2 * MS)).optimizer_s == 2 * MS
     with pytest.raises(ValueError, match=">= 1 launch"):
         HostTiming(1.0, 0, 1.0, 1)
     with pytest.raises(ValueError, match="finite"):
@@ -317,3 +319,19 @@ def test_copy_contention_samples_each_side_and_op_on_cpu() -> None:
     ]
     assert all(s["alone_s"] > 0 and s["with_copy_s"] > 0 for s in samples)
     assert fit_copy_slowdown(samples) >= 0
+
+
+def test_optimizer_launches_spread_over_its_host_time() -> None:
+    g, place = _tiny()
+    host = replace(HOST, optimizer_s=1 * MS)
+    # backward() returns at 10.2 (deferred copies); opt:a, the only optimizer node, at 11.2.
+    t = dict(zip(g.names, host_launch_times(g, place, host) / MS))
+    assert t["opt:a"] == pytest.approx(11.2)
+    r = simulate(g, place, _cluster(), host=host)
+    # Its device was idle by 14.2 (bwd:a 12.2-14.2), so the optimizer still runs 14.2-14.7.
+    assert r.makespan == pytest.approx(14.7 * MS)
+    assert r.extra["host_optimizer_s"] == pytest.approx(1 * MS)
+    late = simulate(g, place, _cluster(), host=replace(HOST, optimizer_s=5 * MS))
+    assert late.makespan == pytest.approx((10.2 + 5 + 0.5) * MS)  # launched at 15.2
+    with pytest.raises(ValueError, match="host launch costs"):
+        HostModel(0.0, optimizer_s=-1.0)

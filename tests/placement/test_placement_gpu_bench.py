@@ -244,7 +244,7 @@ def test_summary_compares_baechi_with_the_expert_on_its_own_memory_too(bench) ->
 
 def test_host_speed_now_scales_the_model_costs_by_the_chain(bench) -> None:
     ms = 1e-3
-    timing = bench.HostTiming(10 * ms, 50, 6 * ms, 40)  # 200 / 150 us per launch
+    timing = bench.HostTiming(10 * ms, 50, 6 * ms, 40, 1 * ms)  # 200 / 150 us per launch
     ref = (bench.HostTiming(1 * ms, 10, 2 * ms, 20), bench.HostTiming(3 * ms, 20, 5 * ms, 25))
     now = (bench.HostTiming(2 * ms, 10, 3 * ms, 20), bench.HostTiming(3 * ms, 10, 3 * ms, 10))
     h = bench.host_at(timing, ref, now, "deferred")
@@ -253,3 +253,4 @@ def test_host_speed_now_scales_the_model_costs_by_the_chain(bench) -> None:
     assert h.forward_s == pytest.approx(0.4 * ms) and h.backward_s == pytest.approx(0.225 * ms)
     assert (h.multi_forward, h.multi_backward) == (pytest.approx(1.5), pytest.approx(2.0))
     assert h.backward_threads == "shared" and h.grad_copies == "deferred"
+    assert h.optimizer_s == pytest.approx(2 * ms)

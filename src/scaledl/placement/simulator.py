@@ -188,7 +188,11 @@ class HostModel:
     backward launch costs when the placement uses two or more devices. The per-launch host
     cost measured on one GPU grows when a step launches on two (2 H200s: 1.1-2x in the
     forward, for every op, not only at device switches); calibrate them from a two-device
-    measurement that is not the placement being predicted (:func:`fit_host_model`)."""
+    measurement that is not the placement being predicted (:func:`fit_host_model`).
+
+    ``optimizer_s``: host seconds of ``optimizer.step()``; the optimizer nodes are launched
+    evenly over it (in graph order) once ``backward()`` has returned. Where the step is
+    host-bound the devices wait for these launches."""
 
     forward_s: float
     backward_s: float = 0.0
@@ -198,9 +202,10 @@ class HostModel:
     backward_threads: str = "device"
     multi_forward: float = 1.0
     multi_backward: float = 1.0
+    optimizer_s: float = 0.0
 
     def __post_init__(self) -> None:
-        costs = (self.forward_s, self.backward_s, self.copy_s or 0.0)
+        costs = (self.forward_s, self.backward_s, self.copy_s or 0.0, self.optimizer_s)
         if min(costs) < 0 or not all(np.isfinite(costs)):
             raise ValueError(f"host launch costs must be finite and >= 0, got {self}")
         factors = (self.multi_forward, self.multi_backward)
@@ -223,17 +228,18 @@ class HostTiming:
     """Host wall time of one unsynchronised training step and what it launched: the forward
     (+ loss) over ``forward_launches`` (ops and copies), ``backward()`` over ``backward_tasks``
     (each backward node, plus per cross-device copy its gradient's copy and, deferred, the
-    wait for it: the replay's tasks)."""
+    wait for it: the replay's tasks), and ``optimizer.step()``."""
 
     forward_s: float
     forward_launches: int
     backward_s: float
     backward_tasks: int
+    optimizer_s: float = 0.0
 
     def __post_init__(self) -> None:
         if min(self.forward_launches, self.backward_tasks) < 1:
             raise ValueError(f"a host timing needs >= 1 launch and task, got {self}")
-        times = (self.forward_s, self.backward_s)
+        times = (self.forward_s, self.backward_s, self.optimizer_s)
         if min(times) < 0 or not all(np.isfinite(times)):
             raise ValueError(f"host times must be finite and >= 0, got {self}")
 
@@ -251,15 +257,17 @@ def fit_host_model(
     """A :class:`HostModel` from measurements that do not run the placement it predicts.
 
     ``one_device``: the model itself on one device: ``forward_s`` and ``backward_s`` are its
-    per-launch host costs. ``calibration``: one calibration model timed on one device and
-    split across two; the ratios of their per-launch costs are the multi-device factors
-    (forward, backward). ``options`` go to :class:`HostModel` (``backward_threads=``...)."""
+    per-launch host costs, ``optimizer_s`` its optimizer step's host time. ``calibration``:
+    one calibration model timed on one device and split across two; the ratios of their
+    per-launch costs are the multi-device factors (forward, backward). ``options`` go to
+    :class:`HostModel` (``backward_threads=``...)."""
     forward_s, backward_s = one_device.per_launch
     if calibration is not None:
         (f1, b1), (f2, b2) = calibration[0].per_launch, calibration[1].per_launch
         if min(f1, b1) <= 0:
             raise ValueError("the one-device calibration timing must have host time > 0")
         options = {"multi_forward": f2 / f1, "multi_backward": b2 / b1, **options}
+    options = {"optimizer_s": one_device.optimizer_s, **options}
     return HostModel(forward_s, backward_s, **options)
 
 
@@ -424,14 +432,16 @@ class _ExecutorReplay:
                 left[u] -= 1
                 if not left[u]:
                     pending[tasks[u][2]].append(u)
-        # ``optimizer.step()`` once ``backward()`` has returned.
+        # ``optimizer.step()`` once ``backward()`` has returned, its launches spread over its
+        # host time (``optimizer_s``) in graph order.
         done = max(free, default=t_forward)
-        for v in range(len(g)):
-            if self.opt[v]:
-                self._launch(done, "run", v)
+        steps = [v for v in range(len(g)) if self.opt[v]]
+        for k, v in enumerate(steps):
+            self._launch(done + self.h.optimizer_s * (k + 1) / len(steps), "run", v)
 
     def host_phases(self) -> dict[str, float]:
-        """Host seconds to launch the forward (ops and copies) and to run ``backward()``."""
+        """Host seconds to launch the forward (ops and copies), to run ``backward()`` and to
+        run ``optimizer.step()``."""
         fwd, bwd = [0.0], []
         for t, kind, x in self.launches:
             if kind == "fcopy" or (kind == "run" and self.fwd[x]):
@@ -439,7 +449,11 @@ class _ExecutorReplay:
             elif kind != "run" or self.bwd[x]:  # gradient copies and waits, backward nodes
                 bwd.append(t)
         t_fwd = max(fwd)
-        return {"host_forward_s": t_fwd, "host_backward_s": max(bwd, default=t_fwd) - t_fwd}
+        return {
+            "host_forward_s": t_fwd,
+            "host_backward_s": max(bwd, default=t_fwd) - t_fwd,
+            "host_optimizer_s": self.h.optimizer_s,
+        }
 
     def devices(self) -> tuple[np.ndarray, np.ndarray, list[Transfer]]:
         """Start and end per node and the copies, replaying the launches in host-time order:
