@@ -281,6 +281,14 @@ def test_compiled_kernels_equal_eager_cuda():
         assert torch.equal(res, p - decoded)
         out = torch.empty(2 * length - 3, device="cuda")
         assert torch.equal(fk.onebit_decode_into(out, payload, length), decoded.view(-1)[:-3])
+        # the two-pass error-fed step at bucket size: same signs, scales within rounding
+        src, err = _grad_like((2 * length - 3,), 6, "cuda"), _grad_like((2 * length,), 7, "cuda")
+        payload, res = fk.onebit_encode_with_feedback(comp, src, err, 0.5, 2)
+        p = (_prescaled(src, 2, 2 * length) + err).view(2, length)
+        want = comp.compress_batch(p, [0, 0])
+        assert torch.equal(payload[:, 4:], want[:, 4:])
+        torch.testing.assert_close(_scales(payload), _scales(want), rtol=1e-5, atol=0)
+        assert torch.equal(res, p - comp.decompress_batch(payload, length, [0, 0]))
     failed = {k.name: k.failed for k in fk.KERNELS if k.failed}
     assert not failed, failed  # nothing fell back to eager
 
