@@ -712,6 +712,57 @@ def replay_terms(
     return out
 
 
+def build_candidates(
+    traced, graph, cluster: Cluster, expert_fx: dict[str, int], contention: str
+) -> dict[str, dict[str, Any]]:
+    """Every configuration of a model: the three placers under the cap, the expert split (and
+    the placers at the expert's memory when it exceeds the cap), the sequential fill, the
+    equal pipeline and one device (``graph``: the traced model's training graph).
+    Deterministic: an offline replay (``placement_replay.py``) rebuilds the same ones."""
+    gm = traced.module
+    cap = max(cluster.memory)
+    comm = cluster.comm[0][1] if len(cluster) > 1 else cluster.comm[0][0]
+    fx_names = [n.name for n in gm.graph.nodes if n.op != "output"]
+    spec = {s.name: s for s in traced.specs}
+    candidates: dict[str, dict[str, Any]] = {}
+    for algo in ALGOS:
+        try:
+            plan = place_graph(graph, cluster, algo)
+            candidates[algo] = {
+                "fx": plan.fx_placement(),
+                "order": plan.fx_order(),
+                "placement_s": plan.seconds,
+            }
+        except InfeasiblePlacementError as exc:
+            candidates[algo] = {"error": str(exc)}
+    candidates["expert"] = {"fx": expert_fx}
+    # The expert split is written by hand and may need more memory than the cap the placers
+    # obey: then also place with the expert's own (estimated) peak as the cap, so Baechi is
+    # compared with the expert on equal memory too.
+    expert_peak = int(max(simulate(graph, graph_placement(graph, expert_fx), cluster).peak_memory))
+    if expert_peak > cap:
+        roomy = Cluster([expert_peak] * 2, comm, contention=contention)
+        for algo in ("m-etf", "m-sct"):
+            try:
+                plan = place_graph(graph, roomy, algo)
+            except InfeasiblePlacementError:
+                continue
+            candidates[f"{algo} @expert mem"] = {
+                "fx": plan.fx_placement(),
+                "order": plan.fx_order(),
+                "placement_s": plan.seconds,
+                "cap": expert_peak,
+            }
+    fwd_perm = [int(graph.permanent[graph.index[f"fwd:{n}"]]) for n in fx_names]
+    seq = contiguous_split(fx_names, fwd_perm, cap, 2)
+    candidates["sequential-fill"] = {"fx": dict(zip(fx_names, seq))}
+    param_w = [1 if spec[n].param_bytes else 0 for n in fx_names]
+    pipe = contiguous_split(fx_names, param_w, None, 2)
+    candidates["equal-pipeline"] = {"fx": dict(zip(fx_names, pipe))}
+    candidates["single (uncapped)"] = {"fx": dict.fromkeys(fx_names, 0), "uncapped": True}
+    return candidates
+
+
 def run_model(
     name: str, args, devices, comm, calib: dict[str, Any]
 ) -> tuple[list[list], dict[str, Any]]:
@@ -735,7 +786,6 @@ def run_model(
     cluster = Cluster([cap, cap], comm, contention=args.contention)
     gm = traced.module
     fx_names = [n.name for n in gm.graph.nodes if n.op != "output"]
-    spec = {s.name: s for s in traced.specs}
     timing = calibrate_host(model, fx_names, devices, inputs, leaves, graph)
     chain_kind = MODEL_CHAIN[name]
     chain_ref = chain_now(devices, args.quick, chain_kind)
@@ -760,43 +810,7 @@ def run_model(
     # Copies slow compute on both of their devices (measured once per run).
     loaded = dataclasses.replace(cluster, copy_slowdown=calib["copy_slowdown"])
     output = model_output(gm)
-    candidates: dict[str, dict[str, Any]] = {}
-    for algo in ALGOS:
-        try:
-            plan = place_graph(graph, cluster, algo)
-            candidates[algo] = {
-                "fx": plan.fx_placement(),
-                "order": plan.fx_order(),
-                "placement_s": plan.seconds,
-            }
-        except InfeasiblePlacementError as exc:
-            candidates[algo] = {"error": str(exc)}
-    candidates["expert"] = {"fx": expert_fx}
-    # The expert split is written by hand and may need more memory than the cap the placers
-    # obey: then also place with the expert's own (estimated) peak as the cap, so Baechi is
-    # compared with the expert on equal memory too.
-    expert_peak = int(max(simulate(graph, graph_placement(graph, expert_fx), cluster).peak_memory))
-    if expert_peak > cap:
-        roomy = Cluster([expert_peak] * 2, comm, contention=args.contention)
-        for algo in ("m-etf", "m-sct"):
-            try:
-                plan = place_graph(graph, roomy, algo)
-            except InfeasiblePlacementError:
-                continue
-            candidates[f"{algo} @expert mem"] = {
-                "fx": plan.fx_placement(),
-                "order": plan.fx_order(),
-                "placement_s": plan.seconds,
-                "cap": expert_peak,
-            }
-    fwd_perm = [int(graph.permanent[graph.index[f"fwd:{n}"]]) for n in fx_names]
-    seq = contiguous_split(fx_names, fwd_perm, cap, 2)
-    candidates["sequential-fill"] = {"fx": dict(zip(fx_names, seq))}
-    param_w = [1 if spec[n].param_bytes else 0 for n in fx_names]
-    pipe = contiguous_split(fx_names, param_w, None, 2)
-    candidates["equal-pipeline"] = {"fx": dict(zip(fx_names, pipe))}
-    candidates["single (uncapped)"] = {"fx": dict.fromkeys(fx_names, 0), "uncapped": True}
-
+    candidates = build_candidates(traced, graph, cluster, expert_fx, args.contention)
     if args.placements:
         candidates = {k: v for k, v in candidates.items() if k in args.placements}
     diagnose = name in (args.diagnose or [])
