@@ -572,7 +572,7 @@ def host_timing(meas: dict[str, Any], backward_nodes: int, grad_copies: str = "d
         forward_launches=meas["launches_per_forward"],
         backward_s=meas["host_backward_s"],
         backward_tasks=max(backward_nodes + per_copy * meas["copies_per_forward"], 1),
-        optimizer_s=meas["host_optimizer_s"],
+        optimizer_s=meas.get("host_optimizer_s", 0.0),
     )
 
 

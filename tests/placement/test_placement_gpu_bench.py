@@ -4,6 +4,8 @@ and a failure keeps its full error text."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import gc
 import importlib.util
 import pathlib
@@ -13,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from scaledl.placement import CommCost
 from scaledl.placement.trace import symbolic_trace
 
 BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "placement_gpu.py"
@@ -254,3 +257,53 @@ def test_host_speed_now_scales_the_model_costs_by_the_chain(bench) -> None:
     assert (h.multi_forward, h.multi_backward) == (pytest.approx(1.5), pytest.approx(2.0))
     assert h.backward_threads == "shared" and h.grad_copies == "deferred"
     assert h.optimizer_s == pytest.approx(2 * ms)
+
+
+def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
+    """``placement_replay.py`` re-places a run's model from its JSON (meta trace, node times,
+    cap) and replays each configuration with the same terms the run used."""
+    spec = importlib.util.spec_from_file_location(
+        "placement_replay", BENCH.parent / "placement_replay.py"
+    )
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    torch.manual_seed(0)
+    model, inputs, leaves, rule = bench.MODELS["branches"](True)
+    traced = bench.trace(model, inputs, leaf_modules=leaves)
+    graph = traced.op_graph()
+    comm = CommCost(1e-5, 1e-9)
+    cap = bench.forcing_cap(graph, bench.single_device_memory(graph, comm), 2, 0.65)
+    cluster = bench.Cluster([cap, cap], comm)
+    cands = bench.build_candidates(
+        traced, graph, cluster, bench.follow_inputs(traced.module, rule), "shared"
+    )
+    timing = bench.HostTiming(2e-3, 20, 3e-3, 20, 1e-3)
+    meas = {"host_forward_s": 4e-3, "host_backward_s": 6e-3, "launches_per_forward": 25}
+    meas |= {"copies_per_forward": 2, "host_optimizer_s": 1e-3, "step_s": 0.01}
+    run = {
+        "mode": "quick-cpu",
+        "comm_fit": {"latency_s": 1e-5, "bandwidth_Bps": 1e9},
+        "copy_slowdown": 0.25,
+        "models": [
+            {
+                "model": "branches",
+                "cap_gib": cap / bench.GIB,
+                "node_seconds": dict(zip(graph.names, graph.compute.tolist())),
+                "host_timing_one_device": dataclasses.asdict(timing),
+                "records": [{"placement": k, **meas} for k in cands],
+            }
+        ],
+    }
+    args = argparse.Namespace(multi_forward=1.5, multi_backward=None, copy_slowdown=None)
+    rows = replay.replay_model(run, run["models"][0], args)
+    assert [r["placement"] for r in rows] == list(cands)
+    full = bench.fit_host_model(timing, backward_threads="shared", multi_forward=1.5)
+    loaded = dataclasses.replace(cluster, copy_slowdown=0.25)
+    for r in rows:
+        gp = bench.graph_placement(graph, cands[r["placement"]]["fx"])
+        order = (
+            cands[r["placement"]].get("order") or bench.simulate(graph, gp, cluster).launch_order()
+        )
+        want = bench.simulate(graph, gp, loaded, host=full, order=order).makespan
+        assert r["+ copy contention"] == pytest.approx(want), r["placement"]
+        assert set(replay.TERMS) <= set(r)

@@ -1,0 +1,139 @@
+"""Replay a ``placement_gpu.py`` run offline: the simulator's terms against its measurements.
+
+Each model is traced on ``meta`` (no weights, no GPU), given the run's profiled node times
+(``node_seconds``), capped and placed exactly as the run did (``build_candidates``), and every
+configuration is replayed with the executor replay as each model term is added: one-GPU host
+costs, autograd's backward threads taking turns, the optimizer's host time, the two-device
+host factors, copy/compute contention, and (a diagnostic) the configuration's own measured
+host costs. The calibrations come from the run's JSON; ``--multi-forward`` and friends
+override them to see what a term would need to be. Runs on CPU in seconds::
+
+    PYTHONPATH=src python bench/placement_replay.py bench/results/placement_gpu.json
+    PYTHONPATH=src python bench/placement_replay.py RUN.json --multi-forward 1.5
+
+Needs torch, numpy, scipy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import placement_gpu as bench
+from common import print_table
+
+from scaledl.placement import GIB, Cluster, CommCost, HostTiming, fit_host_model, trace
+
+TERMS = [
+    "one-GPU host",
+    "+ shared backward threads",
+    "+ optimizer host",
+    "+ multi-device host",
+    "+ copy contention",
+    "own host rates",
+]
+
+
+def model_timing(info: dict[str, Any]) -> HostTiming:
+    """The model's one-device host timing (older runs kept per-launch costs only)."""
+    if "host_timing_one_device" in info:
+        return HostTiming(**info["host_timing_one_device"])
+    h = info["host_model"]
+    return HostTiming(h["forward_s"], 1, h["backward_s"], 1)
+
+
+def chain_pair(run: dict[str, Any], model: str) -> tuple[HostTiming, HostTiming] | None:
+    """The run's calibration-chain timings (one device, alternating) for ``model``."""
+    chains = run.get("host_calibration", {})
+    kind = bench.MODEL_CHAIN[model]
+    if kind not in chains:
+        return None
+    t = chains[kind]["timings"]
+    return HostTiming(**t[bench.CHAIN_PAIR[0]]), HostTiming(**t[bench.CHAIN_PAIR[1]])
+
+
+def replay_model(run: dict[str, Any], info: dict[str, Any], args) -> list[dict[str, Any]]:
+    """Every configuration of one model of the run, replayed with each term."""
+    name = info["model"]
+    quick = run.get("mode") == "quick-cpu"
+    with torch.device("meta"):
+        model, inputs, leaves, expert_rule = bench.MODELS[name](quick)
+    traced = trace(model, inputs, leaf_modules=leaves)
+    graph = traced.op_graph()
+    seconds = info["node_seconds"]
+    if set(seconds) != set(graph.names):
+        raise ValueError(f"{name}: the run's node_seconds do not match the traced graph")
+    graph._compute = [float(seconds[n]) for n in graph.names]
+    graph._frozen = None
+    fit = run["comm_fit"]
+    comm = CommCost(fit["latency_s"], 1.0 / fit["bandwidth_Bps"])
+    cap = int(info["cap_gib"] * GIB)
+    contention = run.get("args", {}).get("contention", "shared")
+    cluster = Cluster([cap, cap], comm, contention=contention)
+    expert_fx = bench.follow_inputs(traced.module, expert_rule)
+    candidates = bench.build_candidates(traced, graph, cluster, expert_fx, contention)
+    timing = model_timing(info)
+    pair = chain_pair(run, name)
+    options: dict[str, Any] = {"backward_threads": "shared"}
+    for key in ("multi_forward", "multi_backward"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    slowdown = run.get("copy_slowdown", 0.0) if args.copy_slowdown is None else args.copy_slowdown
+    hosts = {
+        "one-gpu": fit_host_model(timing),
+        "full": fit_host_model(timing, pair, **options),
+    }
+    loaded = dataclasses.replace(cluster, copy_slowdown=slowdown)
+    out = []
+    for rec in info["records"]:
+        cand = candidates.get(rec["placement"])
+        if cand is None or "fx" not in cand or not rec.get("step_s"):
+            continue
+        gp = bench.graph_placement(graph, cand["fx"])
+        order = cand.get("order") or bench.simulate(graph, gp, cluster).launch_order()
+        barrier = "deferred" if rec.get("grad_copies", "deferred") == "deferred" else "barrier"
+        terms = bench.replay_terms(graph, gp, (cluster, loaded), hosts, order, rec, barrier)
+        out.append({"model": name, "placement": rec["placement"], "step_s": rec["step_s"], **terms})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="JSON written by bench/placement_gpu.py")
+    ap.add_argument("--multi-forward", type=float, default=None, help="override the factor")
+    ap.add_argument("--multi-backward", type=float, default=None, help="override the factor")
+    ap.add_argument("--copy-slowdown", type=float, default=None, help="override copy_slowdown")
+    ap.add_argument("--threshold", type=float, default=0.10, help="fidelity target")
+    args = ap.parse_args()
+    with open(args.run) as f:
+        run = json.load(f)
+    rows, final = [], []
+    for info in run["models"]:
+        for r in replay_model(run, info, args):
+            m = r["step_s"]
+            rows.append(
+                [r["model"], r["placement"], f"{m * 1e3:.2f}"]
+                + [f"{r[k] * 1e3:.2f} ({r[k] / m - 1:+.1%})" if k in r else "-" for k in TERMS]
+            )
+            final.append(abs(r["+ copy contention"] / m - 1))
+    print_table(
+        "Executor replay as each term is added, ms (error vs measured)",
+        ["model", "placement", "measured", *TERMS],
+        rows,
+    )
+    within = sum(e <= args.threshold for e in final)
+    print(
+        f"full model: {within} of {len(final)} within {args.threshold:.0%}; "
+        f"worst {max(final, default=0):.1%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
