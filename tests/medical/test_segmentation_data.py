@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scaledl.medical.corruptions import CORRUPTIONS, corrupt, corrupt_batch
+from scaledl.medical.corruptions import (
+    CORRUPTIONS,
+    corrupt,
+    corrupt_batch,
+    corruption_target,
+    corruption_targets,
+)
 from scaledl.medical.segmentation_data import (
     CLASS_NAMES,
     load_segmentation_folder,
@@ -89,6 +95,33 @@ def test_occlusion_hits_the_targeted_anatomy(cxr):
     changed = corrupt(img, "occlusion", 3, seed=0, labels=lab) != img
     inside = [changed[lab == c].mean() for c in (1, 2, 3)]
     assert max(inside) > 0.1
+
+
+def test_corruption_target_names_the_structure_hit(cxr):
+    hit = set()
+    for i in range(3):
+        img, lab = cxr.images[i, 0], cxr.labels[i]
+        for seed in range(12):
+            # occlusion: 1-3 shapes centred in the target cover a large part of it
+            target = corruption_target("occlusion", seed, lab)
+            changed = corrupt(img, "occlusion", 3, seed, labels=lab) != img
+            assert target in (1, 2, 3) and changed[lab == target].mean() > 0.1
+            hit.add(target)
+            # opacity: the blob is centred in the target lung, so it brightens it most
+            target = corruption_target("opacity", seed, lab)
+            diff = corrupt(img, "opacity", 3, seed, labels=lab) - img
+            other = 3 - target
+            assert target in (1, 2) and diff[lab == target].mean() > diff[lab == other].mean()
+    assert hit == {1, 2, 3}  # the replay follows the seed, not a fixed choice
+    labels = cxr.labels[:4]
+    batch = corruption_targets("occlusion", labels, seed=5)
+    expected = [corruption_target("occlusion", 5 * 100003 + i, labels[i]) for i in range(4)]
+    np.testing.assert_array_equal(batch, expected)
+    assert corruption_target("occlusion", 0, np.zeros((8, 8), dtype=int)) == 0  # nothing to hit
+    with pytest.raises(ValueError, match="does not aim"):
+        corruption_target("noise", 0, labels[0])
+    with pytest.raises(ValueError, match="labels must be"):
+        corruption_targets("occlusion", labels[0], 0)
 
 
 def test_corrupt_batch_and_errors(cxr):

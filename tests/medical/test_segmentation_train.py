@@ -14,6 +14,7 @@ from scaledl.medical.segmentation_data import SegmentationData, make_synthetic_c
 from scaledl.medical.segmentation_train import (
     TemplateBank,
     TrainConfig,
+    calibrate_match_gate,
     evaluate,
     load_segmenter,
     mask_dice_matrix,
@@ -255,3 +256,21 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
     # bad input is one clear error line and exit code 2
     assert cli_main(["segment", "eval", "--model", model, "--corruptions", "rain"]) == 2
     assert "unknown corruption 'rain'" in capsys.readouterr().err
+
+
+def test_training_calibrates_the_match_gate_on_held_out_clean_images(data):
+    net = ShapePriorNet(data.num_classes, features=(2, 4, 4, 8, 8), match_gate=True)
+    train_segmenter(net, data, TrainConfig(iterations=2, batch_size=2))
+    # 2/3 of the images fill the bank (one embedding per coarse position), the rest calibrate
+    n_bank = round(2 / 3 * len(data))
+    h = data.images.shape[-1] // net.config["prior_pool"]
+    assert net.match_bank.shape == (n_bank * h * h, net.config["prior_dim"])
+    lo, hi = float(net.match_low), float(net.match_high)
+    assert -1 <= lo < hi <= 1
+    images = torch.as_tensor(data.images)
+    ev = net.match_evidence(images, images.roll(1, 0))
+    # by construction the gate is fully open on most clean positions
+    assert float((ev >= hi).float().mean()) > 1 - 2 * net.match_quantiles[1]
+    assert calibrate_match_gate(net, data, seed=3) != (lo, hi)  # another split, other values
+    with pytest.raises(ValueError, match="bank_fraction"):
+        calibrate_match_gate(net, data, bank_fraction=1.0)

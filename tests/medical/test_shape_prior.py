@@ -13,12 +13,19 @@ from scaledl.medical.shape_prior import (
     FUSIONS,
     PRIORS,
     ShapePriorNet,
+    _pairwise_cosine,
     dense_attention,
     estimate_affine,
+    evidence_gate,
+    fill_low_evidence,
     gaussian_blur,
+    match_displacement,
+    match_evidence,
     max_attention,
+    memory_evidence,
     pixel_centres,
     prototype_attention,
+    warp_by_displacement,
     warp_masks,
     with_background,
 )
@@ -186,6 +193,9 @@ def test_predict_proba_averages_templates():
         ({"prior": "affine", "align_iterations": -1}, "align_iterations"),
         ({"prior": "both", "align_scale": 0.0}, "align_scale"),
         ({"prior": "affine", "align_blur": -0.1}, "align_blur"),
+        ({"match_fill": -0.1}, "match_fill"),
+        ({"match_tau": 0.0}, "match_tau"),
+        ({"match_blur": 1.0}, "match_blur"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
@@ -458,3 +468,135 @@ def test_evidence_gate_scales_the_decoder_logits():
         assert plain.label_prior_map(emb, t, m, (32, 32), return_gate=True)[1] is None
     with pytest.raises(ValueError, match="evidence_gate"):
         ShapePriorNet(3, features=TINY, evidence_gate=True)
+
+
+def test_match_evidence_gate_and_fill_on_a_hand_made_case():
+    # template features: a smooth random field; image = template except a flat patch whose
+    # feature vector matches no template position (orthogonal to all of them)
+    g = torch.Generator().manual_seed(0)
+    tfeat = torch.randn(1, 8, 12, 12, generator=g).abs()  # all features in the positive orthant
+    feat = tfeat.clone()
+    feat[:, :, 4:8, 4:8] = 0.0
+    feat[:, 0, 4:8, 4:8] = -1.0  # flat patch, cosine <= 0 with every template position
+    ev = match_evidence(feat, tfeat)
+    assert ev.shape == (1, 12, 12)
+    torch.testing.assert_close(match_evidence(tfeat, tfeat), torch.ones(1, 12, 12))
+    assert (ev[:, 4:8, 4:8] <= 0).all()
+    outside = torch.ones(12, 12, dtype=torch.bool)
+    outside[4:8, 4:8] = False
+    torch.testing.assert_close(ev[:, outside], torch.ones(1, int(outside.sum())))
+    gate = evidence_gate(ev[:, None], 0.5, 0.9)
+    assert (gate[:, :, 4:8, 4:8] == 0).all() and (gate[:, :, outside] == 1).all()
+    torch.testing.assert_close(
+        evidence_gate(torch.tensor([0.4, 0.7, 1.0]), 0.5, 0.9), torch.tensor([0.0, 0.5, 1.0])
+    )
+    with pytest.raises(ValueError, match="high > low"):
+        evidence_gate(ev, 0.5, 0.5)
+    # a prior that the occluder corrupted: class 1 everywhere but class 2 inside the patch;
+    # filling from the trusted surroundings restores class 1 under the patch
+    prior = torch.zeros(1, 3, 12, 12)
+    prior[:, 1] = 1.0
+    prior[:, 1, 4:8, 4:8], prior[:, 2, 4:8, 4:8] = 0.0, 1.0
+    filled = fill_low_evidence(prior, gate, sigma=2.0)
+    torch.testing.assert_close(filled.sum(1), torch.ones(1, 12, 12))
+    assert (filled.argmax(1) == 1).all()
+    torch.testing.assert_close(filled[:, :, outside], prior[:, :, outside])
+    torch.testing.assert_close(fill_low_evidence(prior, torch.ones_like(gate), 2.0), prior)
+    torch.testing.assert_close(fill_low_evidence(prior, gate, 0.0), prior)
+
+
+def test_match_gate_calibration_identical_template_and_prior_decides():
+    x, t, m = _inputs(b=2)
+    net = ShapePriorNet(3, features=TINY, match_gate=True, match_fill=0.2).eval()
+    plain = ShapePriorNet(3, features=TINY).eval()
+    plain.load_state_dict(net.state_dict(), strict=False)
+    with torch.no_grad():
+        # before calibration the gate is open everywhere: the same output as without it
+        torch.testing.assert_close(net(x, t, m), plain(x, t, m))
+    lo, hi = net.calibrate_match_gate(torch.cat([x, t]), torch.cat([t, x]))
+    ev = net.match_evidence(torch.cat([x, t]), torch.cat([t, x])).flatten()
+    assert lo < hi <= 1.0
+    assert abs(float((ev <= lo).float().mean()) - net.match_quantiles[0]) < 0.01
+    assert abs(float((ev <= hi).float().mean()) - net.match_quantiles[1]) < 0.01
+    with torch.no_grad():
+        # template identical to the image: every position matches itself (cosine 1), the gate
+        # stays open and the prior is the plain label transfer
+        emb = net.prior_matcher(x)
+        prior, gate = net.label_prior_map(emb, x, m, x.shape[-2:], return_gate=True)
+        torch.testing.assert_close(gate, torch.ones_like(gate))
+        ref = plain.label_prior_map(plain.prior_matcher(x), x, m, x.shape[-2:])
+        torch.testing.assert_close(prior, ref)
+        # a closed gate: the output is the prior's log-probability alone (the prior decides)
+        net.match_low.fill_(2.0)
+        net.match_high.fill_(3.0)
+        prior, gate = net.label_prior_map(emb, t, m, x.shape[-2:], return_gate=True)
+        assert (gate == 0).all()
+        z = torch.randn(2, 4, 32, 32)
+        torch.testing.assert_close(
+            net.combine(z, prior, gate), net.prior_weight * torch.log(prior.clamp_min(1e-3))
+        )
+    # the thresholds travel with the weights
+    state = net.state_dict()
+    assert float(state["match_low"]) == 2.0 and float(state["match_high"]) == 3.0
+    with pytest.raises(ValueError, match="match_gate"):
+        ShapePriorNet(3, features=TINY, match_gate=True, prior="affine")
+    with pytest.raises(ValueError, match="match_gate"):
+        ShapePriorNet(3, features=TINY, match_gate=True, label_prior=False)
+    with pytest.raises(ValueError, match="match_quantiles"):
+        ShapePriorNet(3, features=TINY, match_quantiles=(0.1, 0.05))
+    with pytest.raises(ValueError, match="calibrate_match_gate"):
+        plain.calibrate_match_gate(x, t)
+
+
+def test_memory_evidence_is_the_best_cosine_to_the_bank():
+    g = torch.Generator().manual_seed(2)
+    feat = torch.randn(2, 5, 3, 4, generator=g)
+    bank = torch.randn(37, 5, generator=g)
+    brute = torch.nn.functional.cosine_similarity(
+        feat.permute(0, 2, 3, 1)[..., None, :], bank, dim=-1
+    ).amax(-1)
+    torch.testing.assert_close(memory_evidence(feat, bank), brute)
+    torch.testing.assert_close(memory_evidence(feat, bank, chunk=4), brute)  # chunking
+    with pytest.raises(ValueError, match="bank must be"):
+        memory_evidence(feat, torch.randn(4, 6))
+
+
+def test_match_displacement_and_warp():
+    # one-hot features: every image position matches exactly one template position
+    h = w = 4
+    eye = torch.eye(h * w).reshape(1, h * w, h, w)
+    sim = _pairwise_cosine(eye, eye)
+    torch.testing.assert_close(
+        match_displacement(sim, (h, w), (h, w), 200.0), torch.zeros(1, 2, h, w)
+    )
+    # the template shifted by one column: image x matches template x + 1 (2 / w normalised)
+    shifted = torch.roll(eye, shifts=1, dims=3)
+    disp = match_displacement(_pairwise_cosine(eye, shifted), (h, w), (h, w), 200.0)
+    torch.testing.assert_close(disp[:, 0, :, :3], torch.full((1, h, 3), 2 / w))
+    torch.testing.assert_close(disp[:, 1], torch.zeros(1, h, w))
+    masks = torch.rand(1, 3, h, w)
+    torch.testing.assert_close(warp_by_displacement(masks, torch.zeros(1, 2, h, w)), masks)
+    one = torch.zeros(1, 2, h, w)
+    one[:, 0] = 2 / w
+    torch.testing.assert_close(warp_by_displacement(masks, one)[..., :3], masks[..., 1:])
+
+
+def test_match_gate_memory_bank_calibration_and_persistence(tmp_path):
+    x, t, m = _inputs(b=3)
+    net = ShapePriorNet(3, features=TINY, match_gate=True).eval()
+    lo, hi = net.calibrate_match_gate(x[:1], t[:1], bank_images=x[1:], bank_size=50)
+    assert net.match_bank.shape == (50, net.config["prior_dim"]) and lo < hi
+    # a bank image (or anything in the bank) matches itself: evidence 1
+    ev = net.match_evidence(x[1:], t[1:])
+    assert ev.shape == (2, 8, 8) and (ev <= 1 + 1e-5).all()
+    net.calibrate_match_gate(x[:1], t[:1], bank_images=x[1:], bank_size=10**6)
+    torch.testing.assert_close(net.match_evidence(x[1:], t[1:]), torch.ones(2, 8, 8))
+    net.save_pretrained(tmp_path / "gated")
+    again = ShapePriorNet.from_pretrained(tmp_path / "gated").eval()
+    torch.testing.assert_close(again.match_bank, net.match_bank)
+    assert float(again.match_low) == float(net.match_low)
+    assert float(again.match_high) == float(net.match_high)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t, m), net(x, t, m))
+    with pytest.raises(ValueError, match="bank_size"):
+        net.calibrate_match_gate(x, t, bank_images=x, bank_size=0)

@@ -30,12 +30,26 @@ def _noise(img, labels, sev, rng):
     return img + rng.normal(0.0, _NOISE_SIGMA[sev - 1], img.shape)
 
 
+#: Corruptions aimed at one structure, and the label values they choose from.
+TARGETED: dict[str, tuple[int, ...]] = {"occlusion": (1, 2, 3), "opacity": (1, 2)}
+
+
+def _target_label(labels: np.ndarray | None, rng, classes) -> int:
+    """The label of one randomly chosen structure present in ``labels`` (0 if none is).
+
+    This is the first draw of the targeted corruptions, so replaying it with the same seed
+    names the structure they hit (:func:`corruption_target`)."""
+    if labels is None:
+        return 0
+    present = [c for c in classes if np.any(labels == c)]
+    return present[int(rng.integers(len(present)))] if present else 0
+
+
 def _target_region(img: np.ndarray, labels: np.ndarray | None, rng, classes) -> np.ndarray:
     """The mask of one randomly chosen structure (or the central box without labels)."""
-    if labels is not None:
-        present = [c for c in classes if np.any(labels == c)]
-        if present:
-            return labels == present[int(rng.integers(len(present)))]
+    label = _target_label(labels, rng, classes)
+    if label:
+        return labels == label
     h, w = img.shape
     region = np.zeros((h, w), dtype=bool)
     region[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True
@@ -44,7 +58,7 @@ def _target_region(img: np.ndarray, labels: np.ndarray | None, rng, classes) -> 
 
 def _occlusion(img, labels, sev, rng):
     """1-3 boxes or disks inside one lung or the heart, together covering ~5/15/25% of it."""
-    region = _target_region(img, labels, rng, (1, 2, 3))
+    region = _target_region(img, labels, rng, TARGETED["occlusion"])
     ys, xs = np.nonzero(region)
     n = int(rng.integers(1, 4))
     area = _OCCLUDED_FRACTION[sev - 1] * region.sum() / n
@@ -78,7 +92,7 @@ def _bias(img, labels, sev, rng):
 
 def _opacity(img, labels, sev, rng):
     """A soft bright blob (consolidation-like) inside one lung."""
-    region = _target_region(img, labels, rng, (1, 2))
+    region = _target_region(img, labels, rng, TARGETED["opacity"])
     ys, xs = np.nonzero(region)
     i = int(rng.integers(len(ys)))
     radius = np.sqrt(region.sum() / np.pi) * rng.uniform(0.4, 0.7)
@@ -145,3 +159,25 @@ def corrupt_batch(
             for i in range(images.shape[0])
         ]
     )[:, None]
+
+
+def corruption_target(kind: str, seed: int, labels: np.ndarray) -> int:
+    """The label value of the structure that :func:`corrupt` with this ``kind``, ``seed`` and
+    ``labels`` aims at (it replays the corruption's first random draw); 0 when no structure it
+    can aim at is present. Only for the targeted kinds in :data:`TARGETED`."""
+    if kind not in TARGETED:
+        raise ValueError(
+            f"corruption {kind!r} does not aim at a structure; targeted: {', '.join(TARGETED)}"
+        )
+    return _target_label(np.asarray(labels), np.random.default_rng(seed), TARGETED[kind])
+
+
+def corruption_targets(kind: str, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """:func:`corruption_target` for every image of :func:`corrupt_batch` with the same
+    ``seed`` and ``labels`` (N, H, W); returns (N,) label values."""
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be (N, H, W), got {labels.shape}")
+    return np.array(
+        [corruption_target(kind, seed * 100003 + i, labels[i]) for i in range(labels.shape[0])],
+        dtype=np.int64,
+    )

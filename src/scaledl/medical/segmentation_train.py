@@ -161,7 +161,43 @@ def train_segmenter(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+    if uses_template(model) and model.match_gate:
+        calibrate_match_gate(model, data, seed=cfg.seed, device=device)
     return losses
+
+
+@torch.no_grad()
+def calibrate_match_gate(
+    model: ShapePriorNet,
+    data: SegmentationData,
+    bank_fraction: float = 2 / 3,
+    bank_size: int = 16384,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[float, float]:
+    """Calibrate the match gate of a trained ``model`` on clean training data: a random
+    ``bank_fraction`` of the images fills the memory bank, the others (each paired with a
+    random other training image as template, as in training, without augmentation) set the
+    thresholds. Called by :func:`train_segmenter`; returns the (low, high) thresholds."""
+    n = len(data)
+    if n < 2:
+        raise ValueError("calibrating the match gate needs at least 2 training images")
+    if not 0 < bank_fraction < 1:
+        raise ValueError(f"bank_fraction must be in (0, 1), got {bank_fraction}")
+    gen = torch.Generator().manual_seed(seed + 1)
+    perm = torch.randperm(n, generator=gen)
+    n_bank = min(n - 1, max(1, round(bank_fraction * n)))
+    bank, calib = perm[:n_bank], perm[n_bank:]
+    tidx = (calib + torch.randint(1, n, (len(calib),), generator=gen)) % n
+    images = torch.as_tensor(data.images)
+    model.to(device)
+    return model.calibrate_match_gate(
+        images[calib].to(device),
+        images[tidx].to(device),
+        images[bank].to(device),
+        bank_size,
+        gen,
+    )
 
 
 # --------------------------------------------------------------------------- templates

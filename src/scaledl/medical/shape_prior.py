@@ -72,14 +72,88 @@ def _pairwise_cosine(feat: torch.Tensor, tfeat: torch.Tensor) -> torch.Tensor:
     return f.transpose(1, 2) @ t
 
 
+def _transfer(sim: torch.Tensor, masks: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """Σ_y softmax_y(τ S(x, y)) M_k(y) from S (B, hw, h'w') and masks (B, K, h', w'), as
+    (B, K, hw)."""
+    weights = torch.softmax(tau * sim, dim=-1)
+    return (weights @ masks.flatten(2).transpose(1, 2)).transpose(1, 2)
+
+
 def dense_attention(
     feat: torch.Tensor, tfeat: torch.Tensor, masks: torch.Tensor, tau: torch.Tensor | float
 ) -> torch.Tensor:
     """Template masks transferred by soft feature matching: Σ_y softmax_y(τ S(x, y)) M_k(y)."""
     b, _, h, w = feat.shape
-    weights = torch.softmax(tau * _pairwise_cosine(feat, tfeat), dim=-1)
-    out = weights @ masks.flatten(2).transpose(1, 2)  # (B, hw, K)
-    return out.transpose(1, 2).reshape(b, masks.shape[1], h, w)
+    out = _transfer(_pairwise_cosine(feat, tfeat), masks, tau)
+    return out.reshape(b, masks.shape[1], h, w)
+
+
+def match_evidence(feat: torch.Tensor, tfeat: torch.Tensor) -> torch.Tensor:
+    """Best-match cosine e(x) = max_y cos(F(x), T(y)), (B, h, w): how well the image's local
+    features at x match *any* template position. Low where the image shows something the
+    template (and, after calibration, the clean training data) never shows."""
+    b, _, h, w = feat.shape
+    return _pairwise_cosine(feat, tfeat).amax(-1).reshape(b, h, w)
+
+
+def memory_evidence(feat: torch.Tensor, bank: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Best cosine of every position of ``feat`` (B, C, h, w) to a memory bank of feature
+    vectors (M, C) (nearest-neighbour novelty, as in PatchCore), (B, h, w); the bank is
+    scanned in chunks of ``chunk`` vectors so memory stays O(B·h·w·chunk)."""
+    if bank.ndim != 2 or bank.shape[1] != feat.shape[1]:
+        raise ValueError(f"bank must be (M, {feat.shape[1]}), got {tuple(bank.shape)}")
+    b, _, h, w = feat.shape
+    f = F.normalize(feat.flatten(2), dim=1).transpose(1, 2)  # (B, hw, C)
+    bank = F.normalize(bank.to(f.dtype), dim=1)
+    best = torch.full((b, h * w), -1.0, device=feat.device, dtype=f.dtype)
+    for i in range(0, bank.shape[0], chunk):
+        best = torch.maximum(best, (f @ bank[i : i + chunk].T).amax(-1))
+    return best.reshape(b, h, w)
+
+
+def evidence_gate(evidence: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Piecewise-linear gate: 0 at or below ``low``, 1 at or above ``high``, linear between."""
+    if not high > low:
+        raise ValueError(f"evidence gate needs high > low, got low={low}, high={high}")
+    return ((evidence - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def fill_low_evidence(maps: torch.Tensor, gate: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Replace maps where the matching is untrusted by their trusted surroundings.
+
+    maps: (B, C, h, w), e.g. a displacement field or label probabilities; gate: (B, 1, h, w) in
+    [0, 1]. Returns g·M + (1 - g)·(G_σ * (g·M)) / (G_σ * g), a normalised convolution (Gaussian
+    σ in pixels): under an occluder, where the matches are wrong, the values are interpolated
+    from the well-matched anatomy around it (convex combinations, so distributions stay
+    distributions); where nothing nearby is trusted, M is kept.
+    """
+    if sigma <= 0:
+        return maps
+    num = gaussian_blur(gate * maps, sigma)
+    den = gaussian_blur(gate, sigma)
+    filled = torch.where(den > 1e-6, num / den.clamp_min(1e-6), maps)
+    return gate * maps + (1 - gate) * filled
+
+
+def match_displacement(
+    sim: torch.Tensor, image_hw: Sequence[int], template_hw: Sequence[int], tau: float
+) -> torch.Tensor:
+    """Displacement (B, 2, h, w) from each image position to its soft-argmax match in the
+    template, q(x) - x with q(x) = Σ_y softmax_y(τ S(x, y)) y, in ``grid_sample``'s
+    normalised (x, y) frame; S is (B, h*w, h'*w'). A large τ keeps q near the best match
+    (a small one pulls it towards the template's centre)."""
+    b = sim.shape[0]
+    h, w = image_hw
+    q = torch.softmax(tau * sim, -1) @ pixel_centres(*template_hw, sim)
+    return (q - pixel_centres(h, w, sim)).transpose(1, 2).reshape(b, 2, h, w)
+
+
+def warp_by_displacement(masks: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Resample (B, K, H, W) masks at x + d(x) for a (B, 2, H, W) displacement field
+    (normalised (x, y) frame; bilinear, outside counts as empty)."""
+    h, w = disp.shape[-2:]
+    grid = pixel_centres(h, w, disp).reshape(1, h, w, 2) + disp.permute(0, 2, 3, 1)
+    return F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def max_attention(feat: torch.Tensor, tfeat: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -342,6 +416,11 @@ class ShapePriorNet(nn.Module):
         align_scale: float = 0.1,
         align_blur: float = 0.06,
         evidence_gate: bool = False,
+        match_gate: bool = False,
+        match_quantiles: Sequence[float] = (0.002, 0.02),
+        match_fill: float = 0.1,
+        match_tau: float = 200.0,
+        match_blur: float = 0.015,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -377,6 +456,22 @@ class ShapePriorNet(nn.Module):
             raise ValueError(f"align_blur must be in [0, 1), got {align_blur}")
         if evidence_gate and prior == "attention":
             raise ValueError("evidence_gate needs prior='affine' or 'both' (an alignment)")
+        if match_gate and (not label_prior or prior == "affine"):
+            raise ValueError(
+                "match_gate needs the label prior with prior='attention' or 'both' (dense matches)"
+            )
+        if len(match_quantiles) != 2 or not 0 <= match_quantiles[0] < match_quantiles[1] <= 1:
+            raise ValueError(
+                f"match_quantiles must be (low, high) with 0 <= low < high <= 1, "
+                f"got {tuple(match_quantiles)}"
+            )
+        for name, value, ok, rule in (
+            ("match_fill", match_fill, match_fill >= 0, ">= 0"),
+            ("match_tau", match_tau, match_tau > 0, "positive"),
+            ("match_blur", match_blur, 0 <= match_blur < 1, "in [0, 1)"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {value}")
         # constructor arguments, saved by save_pretrained so from_pretrained can rebuild the net
         self.config = {
             "num_classes": num_classes,
@@ -402,6 +497,11 @@ class ShapePriorNet(nn.Module):
             "align_scale": align_scale,
             "align_blur": align_blur,
             "evidence_gate": evidence_gate,
+            "match_gate": match_gate,
+            "match_quantiles": list(match_quantiles),
+            "match_fill": match_fill,
+            "match_tau": match_tau,
+            "match_blur": match_blur,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -445,6 +545,18 @@ class ShapePriorNet(nn.Module):
         self.align_scale = align_scale
         self.align_blur = align_blur
         self.evidence_gate = evidence_gate
+        self.match_gate = match_gate
+        self.match_quantiles = tuple(float(q) for q in match_quantiles)
+        self.match_fill = match_fill
+        self.match_tau = match_tau
+        self.match_blur = match_blur
+        if match_gate:
+            # thresholds of the match gate, set by calibrate_match_gate on clean training
+            # pairs; until then the gate is open everywhere (cosines are >= -1 > -2)
+            self.register_buffer("match_low", torch.tensor(-3.0))
+            self.register_buffer("match_high", torch.tensor(-2.0))
+            # embeddings of clean training images (M, prior_dim); empty until calibrated
+            self.register_buffer("match_bank", torch.zeros(0, prior_dim))
         if label_prior:
             self.prior_matcher = PriorMatcher(
                 in_channels, prior_pool, prior_features, prior_dim, blk
@@ -531,14 +643,20 @@ class ShapePriorNet(nn.Module):
         priors, gate = [], None
         if self.prior in ("attention", "both"):
             m = with_background(F.adaptive_avg_pool2d(masks, temb.shape[-2:]))
-            p = dense_attention(image_embedding, temb, m, self.log_prior_tau.exp())
+            b, _, h, w = image_embedding.shape
+            sim = _pairwise_cosine(image_embedding, temb)
+            p = _transfer(sim, m, self.log_prior_tau.exp()).reshape(b, -1, h, w)
             # contiguous: the attention output is a transposed view, which interpolate's
             # backward does not accept
-            priors.append(
-                F.interpolate(
-                    p.contiguous(), size=tuple(size), mode="bilinear", align_corners=False
-                )
+            p = F.interpolate(
+                p.contiguous(), size=tuple(size), mode="bilinear", align_corners=False
             )
+            if self.match_gate:
+                ev = self._evidence(image_embedding, sim)
+                g, warped = self._match_gate_prior(ev, sim, temb.shape[-2:], masks, size)
+                p = g * p + (1 - g) * warped
+                gate = g
+            priors.append(p)
         if self.prior in ("affine", "both"):
             theta, inliers = estimate_affine(
                 image_embedding,
@@ -549,14 +667,117 @@ class ShapePriorNet(nn.Module):
                 return_inliers=True,
             )
             if self.evidence_gate:
-                gate = F.interpolate(
+                g = F.interpolate(
                     inliers[:, None], size=tuple(size), mode="bilinear", align_corners=False
                 )
+                gate = g if gate is None else gate * g
             warped = warp_masks(masks, theta, tuple(size))
             warped = gaussian_blur(warped, self.align_blur * size[0])
             priors.append(with_background(warped))
         prior = priors[0] if len(priors) == 1 else sum(priors) / len(priors)
         return (prior, gate) if return_gate else prior
+
+    def _evidence(self, image_embedding: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+        """Best-match cosine (B, 1, h, w) of every image position to the template's positions
+        (``sim``) and to the memory bank of clean training embeddings."""
+        b, _, h, w = image_embedding.shape
+        ev = sim.amax(-1).reshape(b, h, w)
+        if self.match_bank.shape[0] > 0:
+            ev = torch.maximum(ev, memory_evidence(image_embedding, self.match_bank))
+        return ev[:, None]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the memory bank's size is set by calibration: take the stored one's shape
+        key = prefix + "match_bank"
+        if self.match_gate and key in state_dict:
+            self.match_bank = torch.empty_like(state_dict[key], device=self.match_bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _match_gate_prior(
+        self,
+        evidence: torch.Tensor,
+        sim: torch.Tensor,
+        template_hw: Sequence[int],
+        masks: torch.Tensor,
+        size: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The match gate g (B, 1, *size) and the prior used where it is closed: the template's
+        full-resolution masks warped by the match displacement, with the displacement under
+        low-evidence positions interpolated from the trusted ones around them (an occluder's
+        own matches are wrong, but the anatomy around it still says where the template's
+        structures lie)."""
+        image_hw = evidence.shape[-2:]
+        g = evidence_gate(evidence, self.match_low, self.match_high)
+        disp = match_displacement(sim, image_hw, template_hw, self.match_tau)
+        disp = fill_low_evidence(disp, g, self.match_fill * image_hw[0])
+        up = dict(size=tuple(size), mode="bilinear", align_corners=False)
+        warped = warp_by_displacement(masks, F.interpolate(disp, **up))
+        warped = with_background(gaussian_blur(warped, self.match_blur * size[0]))
+        return F.interpolate(g, **up), warped
+
+    @torch.no_grad()
+    def match_evidence(self, image: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+        """The match gate's evidence per coarse position (B, h, w): the best cosine of the
+        matcher's embedding of ``image`` to any position of ``template`` and, once calibrated,
+        of the memory bank of clean training embeddings."""
+        if not self.match_gate:
+            raise ValueError("match_evidence needs match_gate=True")
+        emb = self.prior_matcher(image)
+        sim = _pairwise_cosine(emb, self.prior_matcher(template))
+        return self._evidence(emb, sim)[:, 0]
+
+    @torch.no_grad()
+    def calibrate_match_gate(
+        self,
+        images: torch.Tensor,
+        templates: torch.Tensor,
+        bank_images: torch.Tensor | None = None,
+        bank_size: int = 16384,
+        generator: torch.Generator | None = None,
+    ) -> tuple[float, float]:
+        """Calibrate the match gate on *clean* data (no corrupted image is needed).
+
+        ``bank_images`` (clean training images) fill the memory bank with their embeddings,
+        at most ``bank_size`` positions drawn at random; then ``low`` and ``high`` are set to
+        the ``match_quantiles`` of the evidence over all positions of the (image, template)
+        pairs, so the gate is open on all but the lowest clean tail. The calibration images
+        should not be in the bank (their own embeddings would match perfectly).
+
+        images, templates: (N, C, H, W) paired row by row. Returns (low, high).
+        """
+        if not self.match_gate:
+            raise ValueError("calibrate_match_gate needs match_gate=True")
+        if images.shape != templates.shape:
+            raise ValueError(
+                f"images {tuple(images.shape)} and templates {tuple(templates.shape)} must pair"
+            )
+        if bank_size < 1:
+            raise ValueError(f"bank_size must be >= 1, got {bank_size}")
+        was_training = self.training
+        self.eval()
+        if bank_images is not None:
+            emb = torch.cat(
+                [
+                    self.prior_matcher(bank_images[i : i + 32]).flatten(2).transpose(1, 2)
+                    for i in range(0, bank_images.shape[0], 32)
+                ]
+            ).reshape(-1, self.match_bank.shape[1])
+            if emb.shape[0] > bank_size:
+                keep = torch.randperm(emb.shape[0], generator=generator)[:bank_size]
+                emb = emb[keep.to(emb.device)]
+            self.match_bank = F.normalize(emb.float(), dim=1)
+        ev = torch.cat(
+            [
+                self.match_evidence(images[i : i + 32], templates[i : i + 32]).flatten()
+                for i in range(0, images.shape[0], 32)
+            ]
+        ).float()
+        self.train(was_training)
+        lo, hi = torch.quantile(ev.cpu(), torch.tensor(self.match_quantiles)).tolist()
+        lo = min(lo, hi - 1e-4)  # a degenerate (constant) distribution still gives a ramp
+        self.match_low.fill_(lo)
+        self.match_high.fill_(hi)
+        return lo, hi
 
     def align(
         self, image_embedding: torch.Tensor, template_embedding: torch.Tensor
