@@ -153,8 +153,16 @@ def _onebit_server_sum(
 # The error-fed paths recompute p = (what is compressed) in both of their passes instead of
 # storing it: a reduction pass for the scale, then one pass that packs the signs and writes
 # the residual. ``norm`` is 1 (mean |p|) or 2 (l2 norm).
+_CHUNK = 4096
+
+
 def _row_sums(p: torch.Tensor, norm: int) -> torch.Tensor:
-    return (p.abs() if norm == 1 else p * p).sum(1)
+    # Two explicit stages (chunks of 4096, then the chunks' sums): a bucket has only n rows,
+    # and one block per row would leave the device idle whatever the compiler's heuristics.
+    rows, d = p.shape
+    nc = (d + _CHUNK - 1) // _CHUNK
+    x = F.pad(p, (0, nc * _CHUNK - d)).reshape(rows, nc, _CHUNK)
+    return (x.abs() if norm == 1 else x * x).sum(-1).sum(-1)
 
 
 def _worker_p(src: torch.Tensor, error: torch.Tensor, factor: float, rows: int) -> torch.Tensor:
