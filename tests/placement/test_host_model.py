@@ -115,7 +115,8 @@ def test_replay_with_host_matches_hand_schedule() -> None:
 
 def test_autograd_priority_can_serialise_the_backward() -> None:
     """Device 1's backward thread runs the ready task created last in the forward first: the
-    long ``z`` before the cheap ``s`` whose gradient device 0 waits for."""
+    long ``z`` before the cheap ``s`` whose gradient device 0 waits for; and a gradient copy
+    waits for everything its device launched before it."""
     g = _graph(
         [
             ("fwd:x", 0.1),
@@ -152,11 +153,14 @@ def test_autograd_priority_can_serialise_the_backward() -> None:
         assert start[k] == pytest.approx(v), k
     assert s.makespan == pytest.approx(12.6 * MS)
     # Created after z, s goes first: z 0.1-1.1, s 1.1-1.2, o 1.2-1.3; backward o 1.3-1.4,
-    # s 1.4-1.5, then z 1.5-6.5 on device 1 while the gradient copy (on the pair's copy
-    # stream, 1.5-1.6) lets p run 1.6-6.6 on device 0.
+    # s 1.4-1.5. The gradient's copy was created right after p, before z, so device 1's
+    # thread still launches z (1.5-6.5) before it, and the copy's stream waits for all that
+    # device 1 launched before it (the executor's ``wait_stream``), z included: the copy
+    # runs 6.5-6.6 and p 6.6-11.6. Were it to wait for s only, p would end at 6.6.
     order = ["x", "p", "z", "s", "o"]
     s2 = simulate(g, place, _cluster(), host=HostModel(0.0), order=order)
-    assert s2.makespan == pytest.approx(6.6 * MS)
+    assert s2.schedule.transfers[-1].start == pytest.approx(6.5 * MS)
+    assert s2.makespan == pytest.approx(11.6 * MS)
 
 
 def test_host_model_rejects_bad_costs() -> None:

@@ -502,10 +502,13 @@ class _ExecutorReplay:
                 v, dst, nbytes = x
                 src, grads = int(devs[v]), ()
                 wait = stream[src]
-            else:  # a gradient: after it is computed (and the barrier's other side)
+            else:  # a gradient: after everything its device launched before it (the copy
+                # stream waits for the sending device's stream), and the barrier's other side
                 b, src, nbytes, grads = x
                 v, dst = b, int(devs[b])
-                wait = max([end[u] for u in grads] + ([] if deferred else [stream[dst]]))
+                wait = max([end[u] for u in grads] + [stream[src]])
+                if not deferred:
+                    wait = max(wait, stream[dst])
             # Copy streams per (source, destination) pair; autograd's copy of a gradient runs
             # on the stream of the forward copy it reverses.
             key = (dst, src) if kind == "bcopy" and not deferred else (src, dst)
