@@ -173,8 +173,9 @@ class HostModel:
     executor's behaviour before copies moved to their producer).
 
     ``grad_copies``: how a gradient goes back to the producer's device: ``"deferred"`` (on copy
-    streams; the producer device's stream waits for it when that device's backward thread
-    reaches the producer, ``PlacedModule(grad_copies="deferred")``) or ``"barrier"``
+    streams, after everything the sending device launched before it; the producer device's
+    stream waits for it when that device's backward thread reaches the producer,
+    ``PlacedModule(grad_copies="deferred")``) or ``"barrier"``
     (autograd's copy: it waits for, and then holds, the producer device's stream at the
     moment the sending device's thread issues it).
 
