@@ -37,6 +37,7 @@ COMPRESSORS = [
     ("onebit", "onebit", {}),
     ("topk 0.1%", "topk", {"ratio": 0.001}),
     ("topk 1%", "topk", {"ratio": 0.01}),
+    ("topk 1% chunk 4096 (approx.)", "topk", {"ratio": 0.01, "chunk": 4096}),
     ("randomk 1%", "randomk", {"ratio": 0.01}),
     ("dithering linear s=127 (int8)", "dithering", {"levels": 127}),
     ("dithering natural s=7 (int8)", "dithering", {"levels": 7, "kind": "natural"}),

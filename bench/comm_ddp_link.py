@@ -78,6 +78,11 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     *_fused_and_eager(
         "ours topk 1% two-way", {"compressor": "topk", "compressor_kwargs": {"ratio": 0.01}}
     ),
+    (
+        "ours topk 1% chunk-4096 two-way (approx.)",
+        "ours",
+        {"compressor": "topk", "compressor_kwargs": {"ratio": 0.01, "chunk": 4096}},
+    ),
     *_fused_and_eager(
         "ours randomk 1% all-reduce",
         {"compressor": "randomk", "compressor_kwargs": {"ratio": 0.01}, "mode": "allreduce"},

@@ -23,6 +23,7 @@ ALL = [
     OneBitCompressor("l2_sqrt_d"),
     OneBitCompressor("none"),
     TopKCompressor(5),
+    TopKCompressor(0.05, chunk=16),
     RandomKCompressor(0.3, rescale=True),
     DitheringCompressor(levels=4, kind="natural"),
     DitheringCompressor(levels=200),
@@ -100,6 +101,37 @@ def test_topk_keeps_exactly_the_largest_magnitudes():
     assert torch.equal(y[kept], x[kept])
     # contraction: ||C(x) - x||^2 <= (1 - k/d) ||x||^2
     assert (y - x).pow(2).sum() <= (1 - 10 / 1000) * x.pow(2).sum()
+
+
+def test_chunked_topk_keeps_the_largest_magnitudes_of_each_chunk():
+    torch.manual_seed(2)
+    d, chunk = 1000, 64  # 16 chunks, the last one 40 elements (24 of padding)
+    comp = TopKCompressor(0.05, chunk=chunk)
+    assert comp.k(d) == 16 * 4 and comp.payload_bytes(d) == 8 * 64
+    assert comp.k(10) == 1 and comp.k(0) == 0  # a tensor shorter than a chunk is one chunk
+    x = torch.randn(d)
+    x[-40:] = -x[-40:].abs() - 5.0  # the short chunk: every value beats the padding
+    y = comp.roundtrip(x)
+    for start in range(0, d, chunk):
+        part = x[start : start + chunk]
+        kept = set((y[start : start + chunk].nonzero().squeeze(1)).tolist())
+        assert kept == set(part.abs().topk(4).indices.tolist()), start
+    assert torch.equal(y[y != 0], x[y != 0])
+    # padding entries (value 0, index d-1) change nothing, in decode and residual alike
+    x = torch.randn(d)
+    x[-40:] = 0.0
+    x[-1] = 7.0  # the last element is sent next to the padding entries pointing at it
+    payload = comp.compress(x)
+    idx = payload[: 4 * 64].view(torch.int32)
+    assert int((idx == d - 1).sum()) > 1 and int(idx.max()) == d - 1
+    assert comp.decompress(payload, d)[-1] == 7.0
+    p = x.clone().view(1, -1)
+    comp.residual_batch_(p, payload.view(1, -1), [0])
+    assert torch.equal(p.view(-1), x - comp.decompress(payload, d))
+    with pytest.raises(ValueError, match="fractional ratio"):
+        TopKCompressor(30, chunk=8)
+    with pytest.raises(ValueError, match="positive integer"):
+        TopKCompressor(0.1, chunk=0)
 
 
 def test_randomk_indices_are_shared_in_range_and_depend_on_key():

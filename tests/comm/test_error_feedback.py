@@ -106,6 +106,7 @@ def test_state_dict_round_trip_and_mode_check():
         OneBitCompressor(),
         OneBitCompressor("l2_sqrt_d"),
         TopKCompressor(0.05),
+        TopKCompressor(0.05, chunk=40),
         RandomKCompressor(0.2),
         RandomKCompressor(0.2, rescale=True),
         DitheringCompressor(levels=7),

@@ -193,6 +193,7 @@ CONFIGS = {
     "onebit_lr_nesterov": dict(compressor="onebit", ef="lr_corrected", momentum=0.9),
     "onebit_no_server_ef": dict(compressor="onebit", server_ef="none"),
     "topk": dict(compressor="topk", compressor_kwargs={"ratio": 0.1}),
+    "topk_chunked": dict(compressor="topk", compressor_kwargs={"ratio": 0.1, "chunk": 16}),
     "randomk_sparse": dict(
         compressor="randomk", compressor_kwargs={"ratio": 0.2}, mode="allreduce", ef="sparse"
     ),

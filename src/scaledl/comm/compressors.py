@@ -285,15 +285,37 @@ class TopKCompressor(_BatchedCompressor):
 
     ``ratio`` below 1 is a fraction of the elements (k = ceil(ratio * d), at least 1), 1 or
     more an element count (capped at d).
+
+    ``chunk`` (optional, approximate): split each tensor into chunks of ``chunk`` elements
+    (the last one zero-padded) and keep the ``ceil(ratio * chunk)`` largest magnitudes of
+    each chunk instead of the global top-k: many small ``torch.topk`` calls, which the device
+    runs in parallel, instead of one large selection. The payload layout is the same (k is
+    the number of chunks times the per-chunk count); indices that fall into the padding
+    carry 0 and point at the last element (decoding adds, so they change nothing).
     """
 
     name = "topk"
 
-    def __init__(self, ratio: float | int = 0.01) -> None:
+    def __init__(self, ratio: float | int = 0.01, chunk: int | None = None) -> None:
         self.keep = _check_count_spec(ratio, "top-k ratio")
+        if chunk is not None:
+            if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+                raise ValueError(f"top-k chunk must be a positive integer, got {chunk!r}")
+            if self.keep >= 1:
+                raise ValueError("chunked top-k needs a fractional ratio (below 1)")
+        self.chunk = chunk
+
+    def _chunks(self, numel: int) -> tuple[int, int, int]:
+        """(chunk length, number of chunks, kept per chunk) of the chunked variant."""
+        assert self.chunk is not None
+        c = max(1, min(self.chunk, numel))
+        return c, -(-numel // c), _count(self.keep, c)
 
     def k(self, numel: int) -> int:
-        return _count(self.keep, numel)
+        if self.chunk is None or numel == 0:
+            return _count(self.keep, numel)
+        _, chunks, per = self._chunks(numel)
+        return chunks * per
 
     def payload_bytes(self, numel: int) -> int:
         return 8 * self.k(numel)
@@ -302,10 +324,30 @@ class TopKCompressor(_BatchedCompressor):
         x = _rows_fp32(x)
         if x.shape[1] >= 2**31:
             raise ValueError("top-k indices are 32-bit: split tensors of 2**31 or more elements")
-        k = self.k(x.shape[1])
-        idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices  # one topk for all rows
-        vals = x.gather(1, idx)
+        if self.chunk is not None and x.shape[1]:
+            idx, vals = self._chunked_topk(x)
+        else:
+            k = self.k(x.shape[1])
+            idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices  # one topk for all rows
+            vals = x.gather(1, idx)
         return torch.cat([idx.to(torch.int32).view(torch.uint8), vals.view(torch.uint8)], dim=1)
+
+    def _chunked_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, d = x.shape
+        c, chunks, per = self._chunks(d)
+        if chunks * c != d:
+            x = torch.nn.functional.pad(x, (0, chunks * c - d))
+        xc = x.view(rows, chunks, c)
+        local = torch.topk(xc.abs(), per, dim=2, sorted=False).indices
+        vals = xc.gather(2, local).view(rows, -1)
+        offsets = torch.arange(0, chunks * c, c, device=x.device).view(1, chunks, 1)
+        # padding positions (value 0) point at the last element: decoding adds them
+        return (local + offsets).clamp_(max=d - 1).view(rows, -1), vals
+
+    @property
+    def decode_adds(self) -> bool:
+        """Whether payload values at repeated indices are summed on decode (chunked)."""
+        return self.chunk is not None
 
     def decompress_batch(
         self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
@@ -313,17 +355,22 @@ class TopKCompressor(_BatchedCompressor):
         payloads = _check_batch(self, payloads, numel, keys)
         k = self.k(numel)
         idx = _view_as(payloads[:, : 4 * k], torch.int32).to(torch.int64)
-        return _scatter_rows(idx, _view_as(payloads[:, 4 * k :], torch.float32), numel)
+        vals = _view_as(payloads[:, 4 * k :], torch.float32)
+        return _scatter_rows(idx, vals, numel, add=self.decode_adds)
 
     def residual_batch_(
         self, p: torch.Tensor, payloads: torch.Tensor, keys: Sequence[int]
     ) -> torch.Tensor:
         # The k values are sent exactly: the residual is p with those positions zeroed.
         k = self.k(p.shape[1])
-        return p.scatter_(1, _view_as(payloads[:, : 4 * k], torch.int32).to(torch.int64), 0.0)
+        idx = _view_as(payloads[:, : 4 * k], torch.int32).to(torch.int64)
+        if self.decode_adds:  # p + (-p) = 0 where sent; padding entries add -0
+            return p.scatter_add_(1, idx, _view_as(payloads[:, 4 * k :], torch.float32).neg())
+        return p.scatter_(1, idx, 0.0)
 
     def __repr__(self) -> str:
-        return f"TopKCompressor(ratio={self.keep!r})"
+        extra = "" if self.chunk is None else f", chunk={self.chunk}"
+        return f"TopKCompressor(ratio={self.keep!r}{extra})"
 
 
 # ------------------------------------------------------------------------------ random-k

@@ -617,8 +617,9 @@ def _two_way_fused(
         if onebit:
             fk.onebit_decode_into(buffer, allc, length)
         else:
-            rows = fk.sparse_rows(state.server_compressor, allc, length, keys)
-            fk.scatter_decode_into(buffer, *rows, length)
+            server_comp = state.server_compressor
+            rows = fk.sparse_rows(server_comp, allc, length, keys)
+            fk.scatter_decode_into(buffer, *rows, length, add=server_comp.decode_adds)
     state._tick("compress", t0, device)
     state.stats.record_baseline(_ring_allreduce_bytes(4 * numel, n))
     return buffer
