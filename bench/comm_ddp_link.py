@@ -623,6 +623,8 @@ def main() -> None:
                 ),
                 "fused_fallbacks": r.get("fused_fallbacks"),
                 "device_busy_s_per_step": r.get("device_busy_s_per_step"),
+                # includes compiling the fused kernels (once per process, first fused config)
+                "first_compressed_step_s": r["step_times_s"][START_ITER],
             }
             records.append(rec)
             rows.append(
