@@ -4,8 +4,9 @@ The unfused pipeline of :mod:`scaledl.comm.hooks` runs one kernel per torch oper
 (pre-scale copy, error-feedback add, norm, sign test, pack, residual, unpack, sum, decode,
 copy into the bucket), each a pass over device memory. The functions here express the same
 algebra in a few element-wise steps; on CUDA :func:`torch.compile` (``dynamic=True``, so that
-bucket sizes do not recompile) turns each into one Triton kernel. They are ordinary torch
-code, so on CPU (or where compilation fails) they run eagerly and give the same results.
+bucket sizes do not recompile) turns each into one or a few Triton kernels. They are ordinary
+torch code, so on CPU (or where compilation fails) they run eagerly and give the same results.
+Sparse decoding (:func:`scatter_decode_into`) is eager: it scatters straight into the bucket.
 
 Exactness: values are computed with the same floating-point operations as the eager
 compressors, in the same order, with two exceptions. The error-fed 1-bit steps
@@ -290,7 +291,9 @@ def _norm(compressor: Any) -> int:
     return {"mean_abs": 1, "l2_sqrt_d": 2, "none": 0}[compressor.scale]
 
 
-def _scale_from_sums(compressor: Any, sums: torch.Tensor | None, d: int, rows: int, device):
+def _scale_from_sums(
+    compressor: Any, sums: torch.Tensor | None, d: int, rows: int, device: torch.device
+) -> torch.Tensor:
     """The compressor's scale formula applied to fused row sums (|p| or p^2)."""
     d = max(1, d)
     if sums is None:  # scale "none"
