@@ -48,6 +48,7 @@ from scaledl.medical.segmentation_data import (
 from scaledl.medical.segmentation_train import (
     TemplateBank,
     TrainConfig,
+    calibrate_match_gate,
     predict_proba,
     segmentation_metrics,
     train_segmenter,
@@ -98,6 +99,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--align-blur", type=float, default=0.06, help="align_blur of the +affine/+both rows"
     )
+    p.add_argument(
+        "--gate-quantiles",
+        nargs="+",
+        default=["0.001,0.005", "0.002,0.01"],
+        help="match-gate calibrations evaluated for the label-prior rows: LOW,HIGH quantiles "
+        "of the clean evidence (each adds a '+gate(...)' row; the weights are shared)",
+    )
     p.add_argument("--lungs", default="auto", choices=["auto", "torchxrayvision", "parametric"])
     p.add_argument("--workers", type=int, help="processes computing HD95 (default: CPUs - 2)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -110,6 +118,12 @@ def parse_args() -> argparse.Namespace:
             setattr(a, key, val)
     if a.features is None:
         a.features = [4, 8, 16, 32, 64] if a.quick else [32, 64, 128, 256, 512]
+    try:
+        a.gate_quantiles = [tuple(float(v) for v in q.split(",")) for q in a.gate_quantiles]
+    except ValueError as exc:
+        raise SystemExit(f"--gate-quantiles: LOW,HIGH numbers expected ({exc})") from exc
+    if any(len(q) != 2 or not 0 <= q[0] < q[1] <= 1 for q in a.gate_quantiles):
+        raise SystemExit("--gate-quantiles: each must be LOW,HIGH with 0 <= LOW < HIGH <= 1")
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.workers = a.workers or max(1, min(14, (os.cpu_count() or 2) - 2))
     return a
@@ -196,20 +210,30 @@ def target_dice(dice: np.ndarray, target: np.ndarray) -> float:
 
 
 @contextlib.contextmanager
-def match_gate_state(model: torch.nn.Module, gated: bool):
-    """Evaluate a calibrated match-gate model as calibrated (``gated``) or with the gate open
-    everywhere (thresholds below any cosine: exactly the model without the gate)."""
-    if gated or not getattr(model, "match_gate", False):
+def match_gate_state(model: torch.nn.Module, quantiles, train: SegmentationData, seed, device):
+    """Evaluate a match-gate model with the gate open everywhere (``quantiles`` None: thresholds
+    below any evidence, exactly the model without the gate) or calibrated on the clean training
+    data at ``quantiles`` (low, high); the weights never change."""
+    if not getattr(model, "match_gate", False):
         yield
         return
-    saved = model.match_low.clone(), model.match_high.clone()
-    model.match_low.fill_(-3.0)
-    model.match_high.fill_(-2.0)
+    saved = model.match_quantiles
+    if quantiles is None:
+        model.match_low.fill_(-3.0)
+        model.match_high.fill_(-2.0)
+    else:
+        model.match_quantiles = tuple(quantiles)
+        calibrate_match_gate(model, train, seed=seed, device=device)
     try:
         yield
     finally:
-        model.match_low.copy_(saved[0])
-        model.match_high.copy_(saved[1])
+        model.match_quantiles = saved
+
+
+def gate_row_name(model_name: str, quantiles) -> str:
+    if quantiles is None:
+        return model_name
+    return f"{model_name}+gate({100 * quantiles[0]:g}/{100 * quantiles[1]:g}%)"
 
 
 def submit_metrics(pool: ProcessPoolExecutor, pred: np.ndarray, labels: np.ndarray, k: int):
@@ -273,11 +297,13 @@ def main() -> None:
                     flush=True,
                 )
                 modes = list(args.modes) if isinstance(model, ShapePriorNet) else ["-"]
-                gates = [False, True] if getattr(model, "match_gate", False) else [False]
-                for mode, gated in itertools.product(modes, gates):
-                    name = f"{model_name}+gate" if gated else model_name
+                gates = [None]
+                if getattr(model, "match_gate", False):
+                    gates += args.gate_quantiles
+                for mode, gate in itertools.product(modes, gates):
+                    name = gate_row_name(model_name, gate)
                     row = name if mode == "-" else f"{name} / {mode}"
-                    with match_gate_state(model, gated):
+                    with match_gate_state(model, gate, train, seed, args.device):
                         for cond, imgs in sets.items():
                             probs = predict_proba(
                                 model,

@@ -196,6 +196,7 @@ def test_predict_proba_averages_templates():
         ({"match_fill": -0.1}, "match_fill"),
         ({"match_tau": 0.0}, "match_tau"),
         ({"match_blur": 1.0}, "match_blur"),
+        ({"match_smooth": -1.0}, "match_smooth"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
@@ -583,7 +584,9 @@ def test_match_displacement_and_warp():
 
 def test_match_gate_memory_bank_calibration_and_persistence(tmp_path):
     x, t, m = _inputs(b=3)
-    net = ShapePriorNet(3, features=TINY, match_gate=True).eval()
+    net = ShapePriorNet(
+        3, features=TINY, match_gate=True, match_smooth=0.0, match_relative=False
+    ).eval()
     lo, hi = net.calibrate_match_gate(x[:1], t[:1], bank_images=x[1:], bank_size=50)
     assert net.match_bank.shape == (50, net.config["prior_dim"]) and lo < hi
     # a bank image (or anything in the bank) matches itself: evidence 1
@@ -600,3 +603,24 @@ def test_match_gate_memory_bank_calibration_and_persistence(tmp_path):
         torch.testing.assert_close(again(x, t, m), net(x, t, m))
     with pytest.raises(ValueError, match="bank_size"):
         net.calibrate_match_gate(x, t, bank_images=x, bank_size=0)
+
+
+def test_match_evidence_smoothing_and_relative_shift():
+    x, t, _ = _inputs(b=2)
+    raw = ShapePriorNet(3, features=TINY, match_gate=True, match_smooth=0.0, match_relative=False)
+    raw.eval()
+    kw = {"features": TINY, "match_gate": True}
+    rel = ShapePriorNet(3, match_smooth=0.0, **kw).eval()
+    smooth = ShapePriorNet(3, match_smooth=1.0, match_relative=False, **kw).eval()
+    for net in (rel, smooth):
+        net.load_state_dict(raw.state_dict())
+    e = raw.match_evidence(x, t)
+    med = e.flatten(1).median(1).values[:, None, None]
+    torch.testing.assert_close(rel.match_evidence(x, t), e - med)
+    # normalised smoothing: a constant evidence map stays constant, borders included
+    blurred = gaussian_blur(e[:, None], 1.0) / gaussian_blur(torch.ones(1, 1, 8, 8), 1.0)
+    torch.testing.assert_close(smooth.match_evidence(x, t), blurred[:, 0])
+    const = gaussian_blur(torch.full((1, 1, 8, 8), 0.7), 1.0)
+    torch.testing.assert_close(
+        const / gaussian_blur(torch.ones(1, 1, 8, 8), 1.0), torch.full((1, 1, 8, 8), 0.7)
+    )

@@ -385,6 +385,21 @@ class ShapePriorNet(nn.Module):
             logits by the alignment's inlier factor (upsampled): where the image's matches
             contradict the global alignment (an occluder), the image evidence fades and the
             prior decides.
+        match_gate: gate the decoder's bounded logits by the label prior's match evidence
+            (needs the label prior with ``prior="attention"`` or ``"both"``): where the image's
+            embedding matches no position of the template nor of a memory bank of clean
+            training embeddings as well as clean images do, the decoder is silenced and the
+            prior decides, with the template warped by the match displacement filled in from
+            the trusted surroundings. Open everywhere until :meth:`calibrate_match_gate` (run
+            by ``train_segmenter``) sets its thresholds on clean training images.
+        match_quantiles: (low, high) quantiles of the clean evidence at which the gate is
+            closed / fully open.
+        match_smooth: Gaussian σ, in coarse (1 / ``prior_pool``) pixels, smoothing the evidence.
+        match_relative: measure the evidence relative to its median over the image.
+        match_fill: σ, as a fraction of the coarse height, of the normalised convolution that
+            fills the match displacement under a closed gate.
+        match_tau: soft-argmax temperature of the match displacement (fixed).
+        match_blur: Gaussian σ, as a fraction of the image height, of the warped masks.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -417,7 +432,9 @@ class ShapePriorNet(nn.Module):
         align_blur: float = 0.06,
         evidence_gate: bool = False,
         match_gate: bool = False,
-        match_quantiles: Sequence[float] = (0.002, 0.02),
+        match_quantiles: Sequence[float] = (0.001, 0.005),
+        match_smooth: float = 1.0,
+        match_relative: bool = True,
         match_fill: float = 0.1,
         match_tau: float = 200.0,
         match_blur: float = 0.015,
@@ -467,6 +484,7 @@ class ShapePriorNet(nn.Module):
             )
         for name, value, ok, rule in (
             ("match_fill", match_fill, match_fill >= 0, ">= 0"),
+            ("match_smooth", match_smooth, match_smooth >= 0, ">= 0"),
             ("match_tau", match_tau, match_tau > 0, "positive"),
             ("match_blur", match_blur, 0 <= match_blur < 1, "in [0, 1)"),
         ):
@@ -499,6 +517,8 @@ class ShapePriorNet(nn.Module):
             "evidence_gate": evidence_gate,
             "match_gate": match_gate,
             "match_quantiles": list(match_quantiles),
+            "match_smooth": match_smooth,
+            "match_relative": match_relative,
             "match_fill": match_fill,
             "match_tau": match_tau,
             "match_blur": match_blur,
@@ -547,6 +567,8 @@ class ShapePriorNet(nn.Module):
         self.evidence_gate = evidence_gate
         self.match_gate = match_gate
         self.match_quantiles = tuple(float(q) for q in match_quantiles)
+        self.match_smooth = match_smooth
+        self.match_relative = match_relative
         self.match_fill = match_fill
         self.match_tau = match_tau
         self.match_blur = match_blur
@@ -679,12 +701,23 @@ class ShapePriorNet(nn.Module):
 
     def _evidence(self, image_embedding: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
         """Best-match cosine (B, 1, h, w) of every image position to the template's positions
-        (``sim``) and to the memory bank of clean training embeddings."""
+        (``sim``) and to the memory bank of clean training embeddings; smoothed over
+        ``match_smooth`` coarse pixels (an occluder is a blob, isolated low matches on clean
+        anatomy are not) and, with ``match_relative``, minus its median over the image (a
+        corruption that lowers every match, such as noise, does not close the gate; only
+        regions less familiar than the rest of the image do)."""
         b, _, h, w = image_embedding.shape
         ev = sim.amax(-1).reshape(b, h, w)
         if self.match_bank.shape[0] > 0:
             ev = torch.maximum(ev, memory_evidence(image_embedding, self.match_bank))
-        return ev[:, None]
+        ev = ev[:, None]
+        if self.match_smooth > 0:
+            # normalised: zero padding would lower the evidence at the border
+            ones = torch.ones_like(ev[:1])
+            ev = gaussian_blur(ev, self.match_smooth) / gaussian_blur(ones, self.match_smooth)
+        if self.match_relative:
+            ev = ev - ev.flatten(1).median(1).values[:, None, None, None]
+        return ev
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the memory bank's size is set by calibration: take the stored one's shape
