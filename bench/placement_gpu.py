@@ -682,6 +682,10 @@ def host_at(
     return fit_host_model(scaled, now, backward_threads="shared", grad_copies=barrier)
 
 
+def replace_host(host: HostModel, grad_copies: str) -> HostModel:
+    return dataclasses.replace(host, grad_copies=grad_copies)
+
+
 def replay_terms(
     graph, gp, clusters, hosts: dict[str, HostModel], order, meas, barrier: str
 ) -> dict[str, float]:
@@ -828,8 +832,6 @@ def run_model(
         # queue ops on a device's stream, and rank them for autograd's backward, unlike the
         # simulation).
         order = cand.get("order") or sims[args.contention].launch_order()
-        # The executor replay: its host launches, streams, autograd's backward order.
-        sim_host = simulate(graph, gp, loaded, contention=args.contention, host=host, order=order)
         # What the earlier executor (copies at first use, fx order) would take: a reference
         # for measurements made with it.
         earlier = HostModel(
@@ -865,14 +867,14 @@ def run_model(
             # with autograd's copies (and replay those) rather than lose the configuration.
             if meas["step_s"] is not None or meas.get("error_kind") == "OOM":
                 break
+        # The executor replay (its host launches, streams, autograd's backward order) with
+        # the gradient copies used (a configuration retried with autograd's is replayed so),
+        # the host calibrated once per model or re-timed right before this configuration.
         used_barrier = "deferred" if used == "deferred" else "barrier"
-        if used != grad_copies:
-            replay = dataclasses.replace(host, grad_copies="barrier")
-            sim_host = simulate(
-                graph, gp, loaded, contention=args.contention, host=replay, order=order
-            )
-        terms = replay_terms(graph, gp, (cluster, loaded), hosts, order, meas, used_barrier)
         drift = host_at(timing, chain_ref, now, used_barrier)
+        replay = drift if args.host_model == "now" else replace_host(host, used_barrier)
+        sim_host = simulate(graph, gp, loaded, contention=args.contention, host=replay, order=order)
+        terms = replay_terms(graph, gp, (cluster, loaded), hosts, order, meas, used_barrier)
         terms["+ host speed now"] = simulate(graph, gp, loaded, host=drift, order=order).makespan
         fid = {c: _rel_err(s.makespan, meas["step_s"]) for c, s in sims.items()}
         fid_host = _rel_err(sim_host.makespan, meas["step_s"])
@@ -1169,6 +1171,13 @@ def main() -> None:
     )
     ap.add_argument(
         "--placements", nargs="+", default=None, help="run only these placements (labels)"
+    )
+    ap.add_argument(
+        "--host-model",
+        choices=["run", "now"],
+        default="run",
+        help="sim+host's host costs: calibrated once per model (run) or re-timed on the "
+        "calibration chain right before each configuration (now)",
     )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/)")
     args = ap.parse_args()
