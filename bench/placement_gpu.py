@@ -16,9 +16,14 @@ For each model (synthetic parallel branches, the 6+6 Transformer, an Inception-s
    order of that placement) in its own scope (Adam, MSE loss; median step
    time over ``--steps`` after warm-up; memory released before and after) and compare with
    the simulator: |simulated - measured| / measured for each contention model, and for the
-   replay with the executor's host launches (``HostModel`` calibrated per model from the
-   unsynchronised host time of a one-device step, divided by the ops launched);
+   replay with the executor's host launches (``HostModel``: the model's unsynchronised
+   one-device step's host time per launch, autograd's backward threads taking turns, the
+   optimizer's host time, the two-device factor of a calibration chain, compute slowed by
+   copies as ``copy_contention`` measured), with a table of the replay as each term is added;
 5. place the same profiled graphs on simulated 4- and 8-device clusters.
+
+``--diagnose MODEL`` also profiles one step per placement and prints measured vs simulated
+per phase and device (phase ends, kernel and copy time, host time).
 
 ``--quick`` runs tiny models on CPU with two logical devices and roofline costs (< 2 min;
 validates the whole pipeline; its timings are not GPU figures and its fidelity column compares
