@@ -208,7 +208,7 @@ CONFIGS = {
 }
 
 
-def _run(cfg: dict, fused: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _run(cfg: dict, fused: bool | str) -> tuple[torch.Tensor, torch.Tensor, bool]:
     state = CompressionState(**cfg, start_iter=1, min_compress_bytes=0, fused=fused)
     model = hd._ddp(state)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

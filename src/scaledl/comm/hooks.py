@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from scaledl.comm import fused as fk
+from scaledl.comm import onebit_triton as ot
 from scaledl.comm.accounting import CommStats
 from scaledl.comm.base import Compressor
 from scaledl.comm.compressors import (
@@ -103,11 +104,14 @@ class CompressionState:
         time_phases: measure compress/communicate/decompress seconds (synchronises CUDA).
         cuda_stream: on CUDA, run the exchange on a side stream so that it overlaps with
             the rest of the backward pass.
-        fused: fused codec kernels (:mod:`scaledl.comm.fused`) for 1-bit and top-k two-way
-            and random-k and fp16/bf16 all-reduce. ``None`` (default) uses them on CUDA,
-            compiled with ``torch.compile``; ``True`` also on CPU (run eagerly there);
-            ``False`` never. Results equal the eager path (see docs/comm.md for where they
-            differ by rounding).
+        fused: fused codec kernels for 1-bit and top-k two-way and random-k and fp16/bf16
+            all-reduce. ``None`` (default) uses them on CUDA (with Triton): hand-written
+            Triton kernels (:mod:`scaledl.comm.onebit_triton`) for error-fed 1-bit, plain
+            torch functions compiled with ``torch.compile`` (:mod:`scaledl.comm.fused`) for
+            the rest. ``True`` does the same and also runs them on CPU (the torch functions
+            eagerly); ``"compile"`` uses the compiled functions for 1-bit too; ``"triton"``
+            is ``True`` by name; ``False`` never fuses. Results equal the eager path (see
+            docs/comm.md for where they differ by rounding).
     """
 
     def __init__(
@@ -161,8 +165,10 @@ class CompressionState:
         self.lr = lr
         self.time_phases = time_phases
         self.cuda_stream = cuda_stream
-        if fused is not None and not isinstance(fused, bool):
-            raise ValueError(f"fused must be True, False or None (auto), got {fused!r}")
+        if not (fused is None or isinstance(fused, bool) or fused in ("triton", "compile")):
+            raise ValueError(
+                f"fused must be True, False, None (auto), 'triton' or 'compile', got {fused!r}"
+            )
         self.fused = fused
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -339,6 +345,10 @@ class CompressionState:
         if self.mode == "two_way" and type(self.server_compressor) is not kind:
             return None
         return _FUSED_MODE_FN.get((kind, self.mode))
+
+    def _triton(self) -> bool:
+        """Whether 1-bit steps try the Triton kernels first (they fall back by themselves)."""
+        return self.fused != "compile"
 
     def _tick(self, phase: str, t0: float, device: torch.device) -> float:
         if not self.time_phases:
@@ -582,7 +592,9 @@ def _two_way_fused(
         if onebit and _simple(worker) and factor is not None:
             # scale pass + pack/residual pass, both reading the bucket and the error
             error = _error_buffer(worker, bs.padded, device)
-            send, res = fk.onebit_encode_with_feedback(comp, buffer, error, factor, n)
+            args = (comp, buffer, error, factor, n)
+            out = ot.encode_with_feedback(*args) if state._triton() else None
+            send, res = out if out is not None else fk.onebit_encode_with_feedback(*args)
             worker.error = res.view(-1)
             send = send.view(-1)
         else:
@@ -596,9 +608,9 @@ def _two_way_fused(
         valid = _valid(numel, rank, length)
         if onebit and _simple(server):  # decode + sum + error: recomputed in both passes
             error = _error_buffer(server, length, device)
-            payload, server.error = fk.onebit_server(
-                state.server_compressor, recv, length, error, valid
-            )
+            args = (state.server_compressor, recv, length, error, valid)
+            out = ot.server(*args) if state._triton() else None
+            payload, server.error = out if out is not None else fk.onebit_server(*args)
             payload = payload.view(-1)
         else:
             if onebit:
@@ -615,7 +627,8 @@ def _two_way_fused(
     t0 = state._tick("communicate", t0, device)
     with _codec():
         if onebit:
-            fk.onebit_decode_into(buffer, allc, length)
+            if not (state._triton() and ot.decode_into(buffer, allc, length) is not None):
+                fk.onebit_decode_into(buffer, allc, length)
         else:
             server_comp = state.server_compressor
             rows = fk.sparse_rows(server_comp, allc, length, keys)

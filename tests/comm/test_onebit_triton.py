@@ -1,0 +1,206 @@
+"""Triton 1-bit codec kernels (scaledl.comm.onebit_triton) against the plain-torch reference
+(scaledl.comm.fused run eagerly): on CPU under Triton's interpreter, and compiled on CUDA."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from scaledl.comm import fused as fk
+from scaledl.comm import get_compressor
+from scaledl.comm import onebit_triton as ot
+from scaledl.comm.compressors import _view_as
+from scaledl.comm.hooks import _prescaled
+from tests.comm import test_fused as tf
+
+needs_triton = pytest.mark.skipif(ot.triton is None, reason="triton is not installed")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _scales(payloads: torch.Tensor) -> torch.Tensor:
+    return _view_as(payloads[:, :4], torch.float32)
+
+
+def _same_up_to_scale(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """Equal payload bytes except the fp32 scales, which agree within ``rtol``."""
+    assert got.shape == want.shape and torch.equal(got[:, 4:], want[:, 4:])
+    torch.testing.assert_close(_scales(got), _scales(want), rtol=rtol, atol=0)
+
+
+def _check_kernels(device: str, rtol: float = 1e-6) -> None:
+    """Every kernel against the reference: odd lengths, padding, 1-4 rows, every scale."""
+    cases = ((1, 37), (2, 40), (3, 4099), (4, 13), (2, 8193))
+    for scale in ("mean_abs", "l2_sqrt_d", "none"):
+        comp = get_compressor("onebit", scale=scale)
+        for rows, length in cases:
+            _check_case(comp, rows, length, device, rtol)
+    # bad input is refused before any kernel runs
+    src, err = torch.zeros(10, device=device), torch.zeros(11, device=device)
+    with pytest.raises(ValueError, match="padded rows"):
+        ot.encode_with_feedback(comp, src, err, 0.5, 2)
+    with pytest.raises(ValueError, match="do not hold"):
+        ot.server(comp, torch.zeros(2, 9, dtype=torch.uint8, device=device), 41, err, 3)
+    assert ot.failed is None, ot.failed
+
+
+def _check_case(comp, rows: int, length: int, device: str, rtol: float) -> None:
+    numel = rows * length - (3 if rows > 1 else 0)  # the last row cut: padding
+    factor = {1: 1.0, 2: 0.5, 3: 0.25, 4: 0.25}[rows]
+    tag = (comp.scale, rows, length)
+    for dtype in (torch.float32, torch.bfloat16):  # the bucket's dtype
+        src = tf._grad_like((numel,), rows, device).to(dtype)
+        err = tf._grad_like((rows * length,), length, device)
+        got = ot.encode_with_feedback(comp, src, err, factor, rows)
+        assert got is not None, ot.failed
+        want = fk.onebit_encode_with_feedback(comp, src, err, factor, rows)
+        _same_up_to_scale(got[0], want[0], rtol)
+        p = fk._worker_p(src, err, factor, rows)
+        assert torch.equal(got[1], p - comp.decompress_batch(got[0], length, [0] * rows)), tag
+    # the server: n received rows (left-to-right sum), padding from ``valid`` on, error
+    payloads = want[0]
+    e = tf._grad_like((length,), 3, device)
+    for valid in (0, length - 2, length):
+        got = ot.server(comp, payloads, length, e, valid)
+        assert got is not None, ot.failed
+        _same_up_to_scale(got[0], fk.onebit_server(comp, payloads, length, e, valid)[0], rtol)
+        bits, scale_rows = fk._split_onebit(payloads, length)
+        p = fk._server_p(bits, scale_rows, e, valid)
+        assert torch.equal(got[1], (p - comp.decompress_batch(got[0], length, [0])).view(-1))
+    # decode straight into the (cut) bucket; bf16 only on CUDA (the interpreter truncates
+    # fp32 -> bf16 where CUDA rounds to nearest even, as torch does)
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if device == "cuda" else ())
+    for dtype in dtypes:
+        out = torch.full((numel,), 7.0, dtype=dtype, device=device)
+        assert ot.decode_into(out, payloads, length) is out
+        want_out = comp.decompress_batch(payloads, length, [0] * rows).reshape(-1)[:numel]
+        assert torch.equal(out, want_out.to(dtype)), (tag, dtype)
+
+
+_INTERPRET_SCRIPT = (
+    "from scaledl.comm import onebit_triton as ot\n"
+    "assert ot.INTERPRETED and ot.available(__import__('torch').device('cpu'))\n"
+    "from tests.comm.test_onebit_triton import _check_kernels\n"
+    "_check_kernels('cpu')\n"
+    "print('kernels ok')\n"
+)
+
+
+def _interpreter_env() -> dict[str, str]:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "src"), *sys.path])
+    return env
+
+
+@needs_triton
+def test_kernels_equal_reference_in_triton_interpreter():
+    # the interpreter is chosen when the kernels are defined: a fresh process
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRET_SCRIPT],
+        cwd=ROOT,
+        env=_interpreter_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0 and "kernels ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_unavailable_kernels_return_none_and_failures_warn_once(monkeypatch):
+    comp = get_compressor("onebit")
+    src, err = torch.zeros(10), torch.zeros(10)
+    if not ot.INTERPRETED:  # CPU tensors without the interpreter: the caller falls back
+        assert not ot.available(torch.device("cpu"))
+        assert ot.encode_with_feedback(comp, src, err, 0.5, 2) is None
+        assert ot.decode_into(src, torch.zeros(2, 5, dtype=torch.uint8), 5) is None
+    monkeypatch.setattr(ot, "failed", None)
+
+    def boom() -> None:
+        raise RuntimeError("no GPU backend\nsecond line")
+
+    with pytest.warns(RuntimeWarning, match="Triton 1-bit codec kernels failed.*no GPU backend"):
+        assert ot._launch(boom) is None
+    assert ot.failed == "RuntimeError: no GPU backend"
+    assert not ot.available(torch.device("cuda"))  # disabled from now on: no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ot.server(comp, torch.zeros(2, 6, dtype=torch.uint8), 10, err, 10) is None
+
+
+# ------------------------------------------------------------------------- the hook
+ONEBIT = {k: v for k, v in tf.CONFIGS.items() if k.startswith("onebit")}
+
+
+def _triton_vs_eager_checks() -> dict:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    out = {}
+    for name, cfg in ONEBIT.items():
+        (p_t, e_t, same_t), (p_e, e_e, same_e) = tf._run(cfg, "triton"), tf._run(cfg, False)
+        out[name] = {
+            "param_diff": float((p_t - p_e).abs().max()),
+            "param_equal": torch.equal(p_t, p_e),
+            "error_equal": torch.equal(e_t, e_e),
+            "replicas_same": same_t and same_e,
+        }
+    out["failed"] = ot.failed
+    out["used"] = ot.available(tf.hd.DEVICE["device"])
+    return out
+
+
+def _check_triton_vs_eager(results: list[dict]) -> None:
+    for r in results:
+        assert r.pop("failed") is None and r.pop("used")
+        for name, c in r.items():
+            assert c["replicas_same"], name
+            if name in tf.FUSED_SCALE:  # scales from the kernels' reordered sums
+                assert 0 < c["param_diff"] < 1e-5 or c["param_equal"], (name, c)
+            else:  # momentum / lr-corrected / no server EF: the torch path, exact
+                assert c["param_equal"] and c["error_equal"], (name, c)
+
+
+@needs_triton
+@pytest.mark.dist
+def test_triton_hook_equals_eager_hook_on_gloo_interpreted(run_dist, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks import it interpreted
+    _check_triton_vs_eager(run_dist(_triton_vs_eager_checks, 2))
+
+
+# ---------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+def test_triton_kernels_equal_reference_cuda():
+    if not ot.available(torch.device("cuda")):
+        pytest.skip(f"Triton kernels unavailable on CUDA (triton missing or failed: {ot.failed})")
+    _check_kernels("cuda")
+    # bucket-sized rows (DDP's 25 MB bucket on 2 ranks), odd lengths
+    comp = get_compressor("onebit")
+    for length in (3_276_803, 4_194_304):
+        src = tf._grad_like((2 * length - 3,), 6, "cuda")
+        err = tf._grad_like((2 * length,), 7, "cuda")
+        payload, res = ot.encode_with_feedback(comp, src, err, 0.5, 2)
+        p = (_prescaled(src, 2, 2 * length) + err).view(2, length)
+        _same_up_to_scale(payload, comp.compress_batch(p, [0, 0]), 1e-5)
+        assert torch.equal(res, p - comp.decompress_batch(payload, length, [0, 0]))
+        out = torch.empty(2 * length - 3, device="cuda", dtype=torch.bfloat16)
+        want = comp.decompress_batch(payload, length, [0, 0]).view(-1)[:-3]
+        assert torch.equal(ot.decode_into(out, payload, length), want.bfloat16())
+        again = ot.encode_with_feedback(comp, src, err, 0.5, 2)
+        assert torch.equal(again[0], payload)  # the two-stage sums are deterministic
+    assert ot.failed is None, ot.failed
+
+
+def _nccl_triton_checks() -> dict:
+    tf.hd.DEVICE["device"] = torch.device("cuda", dist.get_rank())
+    return _triton_vs_eager_checks()
+
+
+@pytest.mark.gpu
+@pytest.mark.dist
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_triton_hook_equals_eager_hook_on_nccl():
+    from scaledl.distributed import launch
+
+    _check_triton_vs_eager(launch(_nccl_triton_checks, 2, backend="nccl", timeout_s=300))
