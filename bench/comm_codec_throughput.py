@@ -12,6 +12,15 @@ in pairs: the eager pipeline and the fused one (``scaledl.comm.fused``, compiled
 ``torch.compile`` on CUDA, run eagerly on CPU); ``first_call_s`` in the JSON is the fused
 row's first call at the first size (on CUDA it includes compiling the kernels).
 
+The host-overhead rows time the error-fed 1-bit steps of the two-way hook for one DDP bucket
+(25 MB, DDP's default ``bucket_cap_mb``) on ``WORLD`` ranks with each backend: ``eager``
+(torch operations), ``compile`` (``scaledl.comm.fused``, ``torch.compile``-d on CUDA, eager
+on CPU) and ``triton`` (``scaledl.comm.onebit_triton``, hand-written kernels; CUDA only).
+Phases: worker encode (scale, pack, residual of ``WORLD`` shards), server (decode and sum the
+``WORLD`` received shards, error, re-encode) and decode into the bucket. ``host_us`` is the
+wall time per call of back-to-back calls without synchronising (what the hook costs the CPU
+when the device keeps up); ``device_ms`` is the time per call from CUDA events.
+
     PYTHONPATH=src python bench/comm_codec_throughput.py            # CUDA if available
     PYTHONPATH=src python bench/comm_codec_throughput.py --quick    # CPU, small sizes
 """
@@ -22,6 +31,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -30,6 +40,7 @@ from common import print_table, save_results, time_fn
 
 from scaledl.comm import ErrorFeedback, get_compressor
 from scaledl.comm import fused as fk
+from scaledl.comm import onebit_triton as ot
 from scaledl.comm.error_feedback import compress_shards
 
 #: (label, registry name, options)
@@ -96,6 +107,112 @@ def ef_pipeline(name: str, opts: dict, x: torch.Tensor, fused: bool) -> tuple:
         return fk.scatter_decode_into(bucket, *fk.sparse_rows(comp, payload, numel, keys), numel)
 
     return comp, encode, decode
+
+
+#: the host-overhead rows: DDP's default bucket; backends of the error-fed 1-bit steps
+BUCKET_MB = 25
+BACKENDS = ("eager", "compile", "triton")
+
+
+def onebit_hook_steps(backend: str, x: torch.Tensor, n: int = WORLD) -> dict[str, Any]:
+    """Closures of the two-way hook's error-fed 1-bit phases on bucket ``x`` for ``n`` ranks.
+
+    The server and the decode take the worker's payloads as what they received (same shapes
+    as the all-to-all's and the all-gather's rows).
+    """
+    comp = get_compressor("onebit")
+    numel = x.numel()
+    length = -(-numel // n)
+    keys = list(range(n))
+    worker, server = ErrorFeedback("vanilla"), ErrorFeedback("vanilla")
+    worker.error = torch.randn(n * length, device=x.device).mul_(0.01)
+    server.error = torch.randn(length, device=x.device).mul_(0.01)
+    bucket = torch.empty_like(x)
+    factor = fk.exact_prescale(n)
+    mod = ot if backend == "triton" else fk
+    state: dict[str, torch.Tensor] = {}
+
+    def encode() -> torch.Tensor:
+        if backend == "eager":
+            g = torch.zeros(n * length, device=x.device)
+            torch.div(x, n, out=g[:numel])
+            payloads, _ = compress_shards(comp, worker, g, keys, inplace=True, return_decoded=False)
+            state["payloads"] = payloads.view(n, -1)
+        else:
+            fn = mod.encode_with_feedback if backend == "triton" else fk.onebit_encode_with_feedback
+            state["payloads"], res = fn(comp, x, worker.error, factor, n)
+            worker.error = res.view(-1)
+        return state["payloads"]
+
+    def serve() -> torch.Tensor:
+        recv = state["payloads"]
+        if backend == "eager":
+            s = comp.decompress_batch(recv, length, keys).sum(0)
+            payload, _ = compress_shards(comp, server, s, [0], inplace=True, return_decoded=False)
+            return payload
+        fn = mod.server if backend == "triton" else fk.onebit_server
+        payload, server.error = fn(comp, recv, length, server.error, length)
+        return payload
+
+    def decode() -> torch.Tensor:
+        allc = state["payloads"]
+        if backend == "eager":
+            return bucket.copy_(comp.decompress_batch(allc, length, keys).view(-1)[:numel])
+        fn = mod.decode_into if backend == "triton" else fk.onebit_decode_into
+        return fn(bucket, allc, length)
+
+    return {"worker encode": encode, "server": serve, "decode into bucket": decode}
+
+
+def _host_us(fn: Any, device: torch.device, calls: int) -> float:
+    """Host wall time per call of ``calls`` back-to-back calls (no synchronisation)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return host * 1e6
+
+
+def bench_host_overhead(
+    device: torch.device, mb: int, warmup: int, repeats: int, calls: int
+) -> list[dict]:
+    """Host us and device ms per call of each backend's 1-bit +EF phases for one bucket."""
+    x = torch.randn(mb * (1 << 20) // 4, device=device)
+    out = []
+    for backend in BACKENDS:
+        if backend == "triton" and not ot.available(device):
+            print(f"triton 1-bit kernels unavailable on {device}: no triton rows", file=sys.stderr)
+            continue
+        steps = onebit_hook_steps(backend, x)
+        t0 = time.perf_counter()
+        for fn in steps.values():  # first calls: Dynamo/inductor or Triton's JIT compile
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first = time.perf_counter() - t0
+        for phase, fn in steps.items():
+            for _ in range(warmup):
+                fn()
+            host = _host_us(fn, device, calls)
+            dev = time_fn(fn, name=f"{backend} {phase}", warmup=0, repeats=repeats, device=device)
+            out.append(
+                {
+                    "size_mb": mb,
+                    "backend": backend,
+                    "phase": phase,
+                    "host_us_per_call": host,
+                    "device_ms_per_call": dev.median_s * 1e3,
+                    "device_spread_ms": dev.spread_s * 1e3,
+                    "first_calls_s": first,
+                    "compiled": backend == "triton"
+                    or (backend == "compile" and fk.compile_available(device)),
+                }
+            )
+    return out
 
 
 def _record(label: str, mb: int, comp, numel: int, enc, dec, copy_gbs: float) -> dict:
@@ -169,6 +286,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU, 1 and 4 MB, few repeats")
     ap.add_argument("--sizes-mb", default=None, help="comma-separated fp32 sizes in MB")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument(
+        "--host-only", action="store_true", help="only the host-overhead rows (1-bit backends)"
+    )
+    ap.add_argument("--calls", type=int, default=None, help="calls per host-time measurement")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args()
@@ -181,8 +302,26 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 10)
     warmup = 1 if args.quick else 3
 
+    bucket_mb = 1 if args.quick else BUCKET_MB
+    calls = args.calls or (5 if args.quick else 50)
+    host = bench_host_overhead(device, bucket_mb, warmup, repeats, calls)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print_table(
+        f"1-bit +EF host overhead per call, {bucket_mb} MB bucket, {WORLD} ranks ({where})",
+        ["backend", "phase", "host us", "device ms", "first calls s"],
+        [
+            [
+                r["backend"],
+                r["phase"],
+                r["host_us_per_call"],
+                r["device_ms_per_call"],
+                r["first_calls_s"],
+            ]
+            for r in host
+        ],
+    )
     rows, records = [], []
-    for mb in sizes:
+    for mb in [] if args.host_only else sizes:
         for rec in bench_size(mb, device, warmup, repeats):
             records.append(rec)
             rows.append(
@@ -197,7 +336,6 @@ def main() -> None:
                     rec["fraction_of_copy"],
                 ]
             )
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print_table(
         f"compressor encode+decode throughput on {device} ({where})",
         ["MB", "compressor", "ratio", "enc ms", "dec ms", "codec GB/s", "copy GB/s", "of copy"],
@@ -206,6 +344,8 @@ def main() -> None:
     fallbacks = {k.name: k.failed for k in fk.KERNELS if k.failed}
     if fallbacks:
         print(f"fused kernels that fell back to eager: {fallbacks}", file=sys.stderr)
+    if ot.failed:
+        print(f"Triton 1-bit kernels failed: {ot.failed}", file=sys.stderr)
     path = save_results(
         "comm_codec_throughput",
         {
@@ -215,6 +355,10 @@ def main() -> None:
             "world_size_prescale": WORLD,
             "fused_compiled": fk.compile_available(device) and not fallbacks,
             "fused_fallbacks": fallbacks,
+            "triton_failed": ot.failed,
+            "host_overhead_bucket_mb": bucket_mb,
+            "host_overhead_calls": calls,
+            "host_overhead": host,
             "results": records,
         },
         args.out,

@@ -54,11 +54,17 @@ from scaledl.comm.accounting import interface_bytes
 from scaledl.distributed import launch
 
 
-def _fused_and_eager(label: str, opts: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """Our hook with the fused codec kernels (compiled on CUDA) and with the eager ones."""
-    return [
-        (f"{label} fused", "ours", {**opts, "fused": True}),
-        (f"{label} eager", "ours", {**opts, "fused": False}),
+def _fused_and_eager(
+    label: str, opts: dict[str, Any], backends: tuple[str, ...] = ("fused",)
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """Our hook with the fused codec kernels and with the eager ones.
+
+    ``backends``: "fused" (``fused=True``: what the default picks on CUDA), "triton" (the
+    hand-written 1-bit Triton kernels) or "compile" (the ``torch.compile``-d torch functions).
+    """
+    fused = {"fused": True, "triton": "triton", "compile": "compile"}
+    return [(f"{label} {b}", "ours", {**opts, "fused": fused[b]}) for b in backends] + [
+        (f"{label} eager", "ours", {**opts, "fused": False})
     ]
 
 
@@ -69,7 +75,7 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("torch fp16 hook", "fp16_hook", {}),
     ("torch PowerSGD r1", "powersgd", {"rank": 1}),
     ("torch PowerSGD r4", "powersgd", {"rank": 4}),
-    *_fused_and_eager("ours onebit two-way", {"compressor": "onebit"}),
+    *_fused_and_eager("ours onebit two-way", {"compressor": "onebit"}, ("triton", "compile")),
     (
         "ours topk 0.1% two-way",
         "ours",
@@ -293,9 +299,11 @@ def _run_config(
                 if profile:
                     out["profile"] = table
     if kind == "ours":
-        from scaledl.comm import fused
+        from scaledl.comm import fused, onebit_triton
 
         out["fused_fallbacks"] = {k.name: k.failed for k in fused.KERNELS if k.failed}
+        if onebit_triton.failed:
+            out["fused_fallbacks"]["onebit_triton"] = onebit_triton.failed
     return out
 
 
@@ -623,7 +631,8 @@ def main() -> None:
                 ),
                 "fused_fallbacks": r.get("fused_fallbacks"),
                 "device_busy_s_per_step": r.get("device_busy_s_per_step"),
-                # includes compiling the fused kernels (once per process, first fused config)
+                # includes compiling the fused kernels (once per process: Dynamo + inductor
+                # for the first "compile"/"fused" config, Triton's JIT for the first "triton")
                 "first_compressed_step_s": r["step_times_s"][START_ITER],
             }
             records.append(rec)
