@@ -154,10 +154,10 @@ if triton is not None:
         tl.store(scale + row, s)
 
     @triton.jit
-    def _pack_store(p, scale_ptr, row, out, res, res_offs, j, lane, mask, nb,
+    def _pack_store(p, scale_ptr, row, out, res, res_offs, res_limit, j, lane, mask, nb,
                     NORM: tl.constexpr, BYTES: tl.constexpr):  # fmt: skip
         # p: (BYTES, 8) elements of bytes j; writes the payload row (scale bytes by the
-        # row's first program) and the residual p - (+-scale)
+        # row's first program) and the residual p - (+-scale), zero from res_limit on
         if NORM == 0:  # noqa: SIM108 - constexpr branches, one compiled
             scale = 1.0
         else:
@@ -166,7 +166,8 @@ if triton is not None:
         bits = tl.sum(negative.to(tl.int32) << (7 - lane), axis=1)
         row_bytes = 4 + nb
         tl.store(out + row * row_bytes + 4 + j, bits.to(tl.uint8), mask=j < nb)
-        tl.store(res + res_offs, p - tl.where(negative, -scale, scale), mask=mask)
+        r = p - tl.where(negative, -scale, scale)
+        tl.store(res + res_offs, tl.where(res_offs < res_limit, r, 0.0), mask=mask)
         k = tl.arange(0, 4)
         word = (tl.zeros((4,), tl.float32) + scale).to(tl.int32, bitcast=True)
         head = ((word >> (8 * k)) & 255).to(tl.uint8)
@@ -182,7 +183,8 @@ if triton is not None:
         mask = i < d
         offs = row * d + i
         p = _worker_p(src, err, offs, mask, numel, factor)
-        _pack_store(p, scale, row, out, res, offs, j, lane, mask, nb, NORM, BYTES)
+        # the bucket's padding keeps a zero error (as the hook's _zero_padding)
+        _pack_store(p, scale, row, out, res, offs, numel, j, lane, mask, nb, NORM, BYTES)
 
     @triton.jit
     def _server_pack_kernel(recv, N_ROWS: tl.constexpr, row_bytes, err, scale, out, res, d,
@@ -193,7 +195,7 @@ if triton is not None:
         i = j[:, None] * 8 + lane[None, :]
         mask = i < d
         p = _server_p(recv, N_ROWS, row_bytes, err, i, mask, valid)
-        _pack_store(p, scale, 0, out, res, i, j, lane, mask, nb, NORM, BYTES)
+        _pack_store(p, scale, 0, out, res, i, d, j, lane, mask, nb, NORM, BYTES)
 
     @triton.jit
     def _decode_kernel(recv, row_bytes, out, numel, d, BLOCK: tl.constexpr):
@@ -271,6 +273,7 @@ def encode_with_feedback(
 
     ``p = (pad(src * factor) + error).view(rows, -1)``; returns ``(payloads (rows, bytes),
     residual (rows, d))`` or ``None`` where the kernels cannot run (see :func:`available`).
+    The residual is zero past ``src``'s end (the padding), as the hook keeps it.
     """
     if src.dim() != 1 or error.dim() != 1 or src.numel() > error.numel() or error.numel() % rows:
         raise ValueError(
