@@ -8,9 +8,15 @@ Rows: BasicUNet (no template); ShapePriorNet with dense skip attention only (no 
 the design whose decoder learns to ignore the template); ShapePriorNet with the label prior
 (prior-conditioned decoding) and prototype or dense skip attention; with the label prior from a
 global robust affine alignment of the template (``+affine``) or both priors mixed (``+both``);
-each ShapePriorNet under the fixed (medoid), nearest and ensemble(5) template modes. Mean +- std
-over seeds.
+each ShapePriorNet under the fixed (medoid), nearest and ensemble(5) template modes. The
+label-prior models carry the match gate, calibrated on clean training data after training, and
+are evaluated with it open (``SPN-...+prior``, the ungated model) and at each
+``--gate-quantiles`` calibration (``SPN-...+prior+gate(...)``). Under occlusion and opacity the
+Dice of the corrupted structure is reported besides the mean over classes, and the target is
+checked both ways. Mean +- std over seeds.
 
+    PYTHONPATH=src python bench/segmentation_robustness.py --seeds 1 --iters 700 --modes fixed \
+        --severities 3 --models BasicUNet SPN-prototype+prior SPN-dense+prior  # one H200, ~3.5 min
     PYTHONPATH=src python bench/segmentation_robustness.py --seeds 1  # one GPU, ~5 min
     PYTHONPATH=src python bench/segmentation_robustness.py --quick    # CPU check, < 2 min
 """

@@ -196,6 +196,7 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
                 *map(str, TINY),
                 "--out",
                 model,
+                "--match-gate",
                 *common,
             ]
         )
@@ -203,6 +204,10 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
     )
     trained = json.loads(capsys.readouterr().out)
     assert trained["train_images"] == 6 and trained["iterations"] == 3
+    # the calibrated match gate travels with the model (eval and predict below load it)
+    saved = ShapePriorNet.from_pretrained(model)
+    assert saved.match_gate and saved.match_bank.shape[0] > 0
+    assert float(saved.match_low) < float(saved.match_high) < 1
     overlays = tmp_path / "ov"
     assert (
         cli_main(

@@ -103,6 +103,7 @@ def _train(args: argparse.Namespace) -> None:
         share_weights=args.share_weights,
         label_prior=not args.no_label_prior,
         prior=args.prior,
+        match_gate=args.match_gate,
     )
     cfg = TrainConfig(iterations=args.iters, batch_size=args.batch, lr=args.lr, seed=args.seed)
     losses = train_segmenter(
@@ -247,6 +248,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         choices=["attention", "affine", "both"],
         help="label prior: per-pixel label transfer, a global robust affine alignment of the "
         "template, or the mean of both",
+    )
+    t.add_argument(
+        "--match-gate",
+        action="store_true",
+        help="let the template prior decide where the image matches no anatomy seen in clean "
+        "training images (e.g. an occluder); calibrated on the training data after training",
     )
     t.set_defaults(func=_train)
 
