@@ -167,8 +167,13 @@ def test_kernel_falls_back_once_with_a_warning(monkeypatch):
 
 def test_fused_option_selects_the_exchange():
     cpu = torch.device("cpu")
-    with pytest.raises(ValueError, match="fused must be"):
-        CompressionState("onebit", fused="yes")
+    for bad in ("yes", 1, "Triton"):
+        with pytest.raises(ValueError, match="fused must be"):
+            CompressionState("onebit", fused=bad)
+    for name in ("triton", "compile"):  # forced, as True: also on CPU
+        assert CompressionState("onebit", fused=name)._fused_fn(cpu) is not None
+    assert CompressionState("onebit", fused="triton")._triton()
+    assert not CompressionState("onebit", fused="compile")._triton()
     assert CompressionState("onebit")._fused_fn(cpu) is None  # auto: CUDA only
     assert CompressionState("onebit", fused=False)._fused_fn(cpu) is None
     for cfg in (
@@ -224,12 +229,12 @@ def _run(cfg: dict, fused: bool | str) -> tuple[torch.Tensor, torch.Tensor, bool
     return hd._flat(model), flat_err, same
 
 
-def _fused_vs_eager_checks() -> dict:
+def _fused_vs_eager_checks(fused: bool | str = True) -> dict:
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     out = {}
     for name, cfg in CONFIGS.items():
-        (p_f, e_f, same_f), (p_e, e_e, same_e) = _run(cfg, True), _run(cfg, False)
+        (p_f, e_f, same_f), (p_e, e_e, same_e) = _run(cfg, fused), _run(cfg, False)
         out[name] = {
             "param_diff": float((p_f - p_e).abs().max()),
             "param_equal": torch.equal(p_f, p_e),
@@ -296,7 +301,8 @@ def test_compiled_kernels_equal_eager_cuda():
 
 def _nccl_fused_checks() -> dict:
     hd.DEVICE["device"] = torch.device("cuda", dist.get_rank())
-    out = _fused_vs_eager_checks()
+    # the compiled functions for every compressor (1-bit's Triton kernels: test_onebit_triton)
+    out = _fused_vs_eager_checks("compile")
     out["fallbacks"] = {k.name: k.failed for k in fk.KERNELS if k.failed}
     return out
 
