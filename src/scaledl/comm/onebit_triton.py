@@ -207,6 +207,11 @@ if triton is not None:
         tl.store(out + g, v.to(out.dtype.element_ty), mask=mask)
 
 
+#: ``x * factor + e`` must round as the eager ``x / n + e`` (two roundings): no fused
+#: multiply-add (it differs where ``x * factor`` is subnormal)
+_NO_FMA = {"enable_fp_fusion": False}
+
+
 def _launch(fn: Any, *args: Any) -> Any:
     """Run ``fn``; on the first exception warn once and disable the kernels (return None)."""
     global failed
@@ -255,14 +260,15 @@ def _encode(
     if norm:
         block, partial = _partials(rows, d, dev)
         _worker_sums_kernel[partial.shape](
-            src, error, partial, src.numel(), d, factor, NORM=norm, BLOCK=block
+            src, error, partial, src.numel(), d, factor, NORM=norm, BLOCK=block, **_NO_FMA
         )
         scale = _scale(partial, d, norm)
     out = torch.empty(rows, 4 + nb, dtype=torch.uint8, device=dev)
     res = torch.empty(rows, d, dtype=torch.float32, device=dev)
     _worker_pack_kernel[(rows, triton.cdiv(nb, PACK_BYTES))](
-        src, error, scale, out, res, src.numel(), d, nb, factor, NORM=norm, BYTES=PACK_BYTES
-    )
+        src, error, scale, out, res, src.numel(), d, nb, factor, NORM=norm, BYTES=PACK_BYTES,
+        **_NO_FMA,
+    )  # fmt: skip
     return out, res
 
 
