@@ -39,7 +39,7 @@ def _worker_residual(p: torch.Tensor, payloads: torch.Tensor, comp, numel: int) 
     return res
 
 
-def _check_kernels(device: str, rtol: float = 1e-6) -> None:
+def _check_kernels(device: str, rtol: float = 1e-5) -> None:
     """Every kernel against the reference: odd lengths, padding, 1-4 rows, every scale."""
     cases = ((1, 37), (2, 40), (3, 4099), (4, 13), (2, 8193))
     for scale in ("mean_abs", "l2_sqrt_d", "none"):
@@ -64,19 +64,19 @@ def _check_case(comp, rows: int, length: int, device: str, rtol: float) -> None:
         err = tf._grad_like((rows * length,), length, device)
         got = ot.encode_with_feedback(comp, src, err, factor, rows)
         assert got is not None, ot.failed
-        want = fk.onebit_encode_with_feedback(comp, src, err, factor, rows)
-        _same_up_to_scale(got[0], want[0], rtol)
+        # the reference: the plain torch functions and the compressor, run eagerly
         p = fk._worker_p(src, err, factor, rows)
+        payloads = comp.compress_batch(p, [0] * rows)
+        _same_up_to_scale(got[0], payloads, rtol)
         assert torch.equal(got[1], _worker_residual(p, got[0], comp, numel)), tag
     # the server: n received rows (left-to-right sum), padding from ``valid`` on, error
-    payloads = want[0]
     e = tf._grad_like((length,), 3, device)
+    bits, scale_rows = fk._split_onebit(payloads, length)
     for valid in (0, length - 2, length):
         got = ot.server(comp, payloads, length, e, valid)
         assert got is not None, ot.failed
-        _same_up_to_scale(got[0], fk.onebit_server(comp, payloads, length, e, valid)[0], rtol)
-        bits, scale_rows = fk._split_onebit(payloads, length)
         p = fk._server_p(bits, scale_rows, e, valid)
+        _same_up_to_scale(got[0], comp.compress_batch(p, [0]), rtol)
         assert torch.equal(got[1], (p - comp.decompress_batch(got[0], length, [0])).view(-1))
     # decode straight into the (cut) bucket; bf16 only on CUDA (the interpreter truncates
     # fp32 -> bf16 where CUDA rounds to nearest even, as torch does)
