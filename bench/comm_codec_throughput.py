@@ -9,7 +9,8 @@ to the copy bandwidth (fp32 bytes / copy time) measured the same way on the same
 The "+EF" rows time what the DDP hook does per shard: encode = pre-scale copy, error-feedback
 add, compress and the new residual; decode = decode into the (preallocated) bucket. They come
 in pairs: the eager pipeline and the fused one (``scaledl.comm.fused``, compiled with
-``torch.compile`` on CUDA, run eagerly on CPU); ``first_call_s`` in the JSON is the fused
+``torch.compile`` on CUDA, run eagerly on CPU), and for 1-bit on CUDA a third, the Triton
+kernels (``scaledl.comm.onebit_triton``); ``first_call_s`` in the JSON is the fused
 row's first call at the first size (on CUDA it includes compiling the kernels).
 
 The host-overhead rows time the error-fed 1-bit steps of the two-way hook for one DDP bucket
@@ -67,8 +68,11 @@ EF_PIPELINES = [
 WORLD = 2
 
 
-def ef_pipeline(name: str, opts: dict, x: torch.Tensor, fused: bool) -> tuple:
-    """(encode, decode) closures of the hook's per-shard work with error feedback."""
+def ef_pipeline(name: str, opts: dict, x: torch.Tensor, fused: bool | str) -> tuple:
+    """(encode, decode) closures of the hook's per-shard work with error feedback.
+
+    ``fused``: False (eager), True (``scaledl.comm.fused``) or "triton" (1-bit only:
+    ``scaledl.comm.onebit_triton``)."""
     comp = get_compressor(name, **opts)
     numel, keys = x.numel(), [1]
     ef = ErrorFeedback("vanilla")
@@ -77,7 +81,10 @@ def ef_pipeline(name: str, opts: dict, x: torch.Tensor, fused: bool) -> tuple:
     state: dict = {}
 
     def encode() -> torch.Tensor:
-        if fused and name == "onebit":  # a scale pass and a pack/residual pass, as the hook
+        if fused == "triton":
+            payload, res = ot.encode_with_feedback(comp, x, ef.error, fk.exact_prescale(WORLD), 1)
+            ef.error, state["payload"] = res.view(-1), payload.view(-1)
+        elif fused and name == "onebit":  # a scale pass and a pack/residual pass, as the hook
             payload, res = fk.onebit_encode_with_feedback(
                 comp, x, ef.error, fk.exact_prescale(WORLD), 1
             )
@@ -100,6 +107,8 @@ def ef_pipeline(name: str, opts: dict, x: torch.Tensor, fused: bool) -> tuple:
         payload = state["payload"].view(1, -1)
         if not fused:
             return bucket.copy_(comp.decompress_batch(payload, numel, keys).view(-1))
+        if fused == "triton":
+            return ot.decode_into(bucket, payload, numel)
         if name == "onebit":
             return fk.onebit_decode_into(bucket, payload, numel)
         if name == "fp16":
@@ -259,14 +268,18 @@ def bench_size(mb: int, device: torch.device, warmup: int, repeats: int) -> list
         )
         out.append(_record(label, mb, comp, numel, enc, dec, copy_gbs))
     for label, name, opts in EF_PIPELINES:
-        for fused in (False, True):
+        variants: tuple[bool | str, ...] = (False, True)
+        if name == "onebit" and ot.available(device):
+            variants += ("triton",)
+        for fused in variants:
             comp, encode, decode = ef_pipeline(name, opts, x, fused)
             t0 = time.perf_counter()
             encode(), decode()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             first = time.perf_counter() - t0
-            tag = f"{label} +EF {'fused' if fused else 'eager'}"
+            kind = {False: "eager", True: "fused", "triton": "triton"}[fused]
+            tag = f"{label} +EF {kind}"
             enc = time_fn(
                 encode, name=f"{tag} encode", warmup=warmup, repeats=repeats, device=device
             )
@@ -276,7 +289,7 @@ def bench_size(mb: int, device: torch.device, warmup: int, repeats: int) -> list
             rec = _record(tag, mb, comp, numel, enc, dec, copy_gbs)
             rec["first_call_s"] = first
             rec["fused"] = fused
-            rec["compiled"] = fused and fk.compile_available(device)
+            rec["compiled"] = fused == "triton" or (fused and fk.compile_available(device))
             out.append(rec)
     return out
 
