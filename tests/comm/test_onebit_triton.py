@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from scaledl.comm.hooks import _prescaled
 from tests.comm import test_fused as tf
 
 needs_triton = pytest.mark.skipif(ot.triton is None, reason="triton is not installed")
+triton = ot.triton  # None without triton (the tests that need it skip)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -117,6 +119,84 @@ def test_kernels_equal_reference_in_triton_interpreter():
     assert proc.returncode == 0 and "kernels ok" in proc.stdout, proc.stderr[-3000:]
 
 
+def _cuda_signatures() -> list[tuple[Any, dict[str, str], dict[str, int]]]:
+    """(kernel, argument types, constexprs) of every kernel as the functions launch them."""
+    f32, u8 = "*fp32", "*u8"
+    worker = {"src": f32, "err": f32}
+    server = {"recv": u8, "N_ROWS": "constexpr", "row_bytes": "i32", "err": f32}
+    out = []
+    for norm in (0, 1, 2):
+        out += [
+            (
+                ot._worker_pack_kernel,
+                {**worker, "scale": f32, "out": u8, "res": f32, "numel": "i32", "d": "i32",
+                 "nb": "i32", "factor": "fp32", "NORM": "constexpr", "BYTES": "constexpr"},
+                {"NORM": norm, "BYTES": ot.PACK_BYTES},
+            ),
+            (
+                ot._server_pack_kernel,
+                {**server, "scale": f32, "out": u8, "res": f32, "d": "i32", "nb": "i32",
+                 "valid": "i32", "NORM": "constexpr", "BYTES": "constexpr"},
+                {"N_ROWS": 2, "NORM": norm, "BYTES": ot.PACK_BYTES},
+            ),
+        ]  # fmt: skip
+    for norm in (1, 2):
+        out += [
+            (
+                ot._worker_sums_kernel,
+                {**worker, "src": "*bf16", "partial": f32, "numel": "i32", "d": "i32",
+                 "factor": "fp32", "NORM": "constexpr", "BLOCK": "constexpr"},
+                {"NORM": norm, "BLOCK": ot.SUM_BLOCK},
+            ),
+            (
+                ot._server_sums_kernel,
+                {**server, "partial": f32, "d": "i32", "valid": "i32", "NORM": "constexpr",
+                 "BLOCK": "constexpr"},
+                {"N_ROWS": 3, "NORM": norm, "BLOCK": ot.SUM_BLOCK},
+            ),
+            (
+                ot._finish_kernel,
+                {"partial": f32, "scale": f32, "n_partial": "i32", "d_f": "fp32",
+                 "sqrt_d": "fp32", "NORM": "constexpr", "BLOCK": "constexpr"},
+                {"NORM": norm, "BLOCK": ot.MAX_PARTIALS},
+            ),
+        ]  # fmt: skip
+    out.append(
+        (
+            ot._decode_kernel,
+            {"recv": u8, "row_bytes": "i32", "out": "*bf16", "numel": "i32", "d": "i32",
+             "BLOCK": "constexpr"},
+            {"BLOCK": ot.DECODE_BLOCK},
+        )
+    )  # fmt: skip
+    return out
+
+
+@needs_triton
+def test_kernels_compile_for_h100_without_a_gpu():
+    """Triton compiles every kernel to an sm_90 binary here (the interpreter checks values,
+    not what the compiler accepts); the IEEE sqrt/division and no-FMA options hold."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:  # internal API of this Triton version
+        pytest.skip(f"Triton's ahead-of-time API is not importable: {exc}")
+    if ot.INTERPRETED:
+        pytest.skip("kernels defined for Triton's interpreter")
+    target = GPUTarget("cuda", 90, 32)
+    for kernel, signature, constexprs in _cuda_signatures():
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        options = ot._NO_FMA if kernel.__name__.startswith("_worker") else {}
+        compiled = triton.compile(src, target=target, options=options)
+        assert compiled.asm["cubin"], kernel.__name__
+        ptx = compiled.asm["ptx"]
+        if kernel is ot._finish_kernel:
+            assert "div.rn.f32" in ptx, "the scale's division must round to nearest"
+            assert constexprs["NORM"] == 1 or "sqrt.rn.f32" in ptx
+        if kernel is ot._worker_pack_kernel:
+            assert "fma.rn.f32" not in ptx  # x * factor + e in two roundings
+
+
 def test_unavailable_kernels_return_none_and_failures_warn_once(monkeypatch):
     comp = get_compressor("onebit")
     src, err = torch.zeros(10), torch.zeros(10)
@@ -126,11 +206,11 @@ def test_unavailable_kernels_return_none_and_failures_warn_once(monkeypatch):
         assert ot.decode_into(src, torch.zeros(2, 5, dtype=torch.uint8), 5) is None
     monkeypatch.setattr(ot, "failed", None)
 
-    def boom() -> None:
+    def boom(x: torch.Tensor) -> None:
         raise RuntimeError("no GPU backend\nsecond line")
 
     with pytest.warns(RuntimeWarning, match="Triton 1-bit codec kernels failed.*no GPU backend"):
-        assert ot._launch(boom) is None
+        assert ot._launch(boom, src) is None
     assert ot.failed == "RuntimeError: no GPU backend"
     assert not ot.available(torch.device("cuda"))  # disabled from now on: no second warning
     with warnings.catch_warnings():
@@ -197,6 +277,11 @@ def test_triton_kernels_equal_reference_cuda():
         assert torch.equal(ot.decode_into(out, payload, length), want.bfloat16())
         again = ot.encode_with_feedback(comp, src, err, 0.5, 2)
         assert torch.equal(again[0], payload)  # the two-stage sums are deterministic
+        if torch.cuda.device_count() > 1:  # tensors off the current device: launched there
+            other = ot.encode_with_feedback(comp, src.to("cuda:1"), err.to("cuda:1"), 0.5, 2)
+            assert torch.equal(other[0].cpu(), payload.cpu()) and torch.equal(
+                other[1].cpu(), res.cpu()
+            )
     assert ot.failed is None, ot.failed
 
 

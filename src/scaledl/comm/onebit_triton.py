@@ -212,10 +212,16 @@ if triton is not None:
 _NO_FMA = {"enable_fp_fusion": False}
 
 
-def _launch(fn: Any, *args: Any) -> Any:
-    """Run ``fn``; on the first exception warn once and disable the kernels (return None)."""
+def _launch(fn: Any, *args: torch.Tensor | Any) -> Any:
+    """Run ``fn`` on the device of its first argument (a tensor); on the first exception warn
+    once and disable the kernels (return None)."""
     global failed
+    dev = args[0].device
     try:
+        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+            # Triton launches on the current device (and its current stream)
+            with torch.cuda.device(dev):
+                return fn(*args)
         return fn(*args)
     except Exception as exc:  # Triton missing a backend, compile error: stay correct, warn
         failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
