@@ -239,22 +239,25 @@ def _triton_vs_eager_checks() -> dict:
     return out
 
 
-def _check_triton_vs_eager(results: list[dict]) -> None:
+def _check_triton_vs_eager(results: list[dict], world_size: int = 2) -> None:
     for r in results:
         assert r.pop("failed") is None and r.pop("used")
         for name, c in r.items():
             assert c["replicas_same"], name
-            if name in tf.FUSED_SCALE:  # scales from the kernels' reordered sums
+            if name in tf.FUSED_SCALE or world_size > 2:
+                # scales from the kernels' reordered sums; the server's left-to-right sum
+                # of more than two rows
                 assert 0 < c["param_diff"] < 1e-5 or c["param_equal"], (name, c)
-            else:  # momentum / lr-corrected / no server EF: the torch path, exact
+            else:  # momentum / lr-corrected EF: the torch path and the exact decode
                 assert c["param_equal"] and c["error_equal"], (name, c)
 
 
 @needs_triton
 @pytest.mark.dist
-def test_triton_hook_equals_eager_hook_on_gloo_interpreted(run_dist, monkeypatch):
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_triton_hook_equals_eager_hook_on_gloo_interpreted(run_dist, monkeypatch, world_size):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks import it interpreted
-    _check_triton_vs_eager(run_dist(_triton_vs_eager_checks, 2))
+    _check_triton_vs_eager(run_dist(_triton_vs_eager_checks, world_size), world_size)
 
 
 # ---------------------------------------------------------------------------- CUDA
