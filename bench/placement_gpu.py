@@ -655,9 +655,15 @@ def calibrate_multi_device(
     return out
 
 
-def chain_now(devices, quick: bool, kind: str) -> tuple[HostTiming, HostTiming]:
-    """The calibration chain's host timing now, on one device and alternating (20 steps)."""
-    cal = calibrate_multi_device(devices, 2 if quick else 20, quick, kind, CHAIN_PAIR)
+def chain_now(devices, quick: bool, kind: str) -> tuple[HostTiming, HostTiming] | None:
+    """The calibration chain's host timing now, on one device and alternating (20 steps);
+    None if it failed (the replay then keeps the run's calibration)."""
+    try:
+        cal = calibrate_multi_device(devices, 2 if quick else 20, quick, kind, CHAIN_PAIR)
+    except Exception as exc:
+        traceback.clear_frames(exc.__traceback__)
+        print(f"calibration chain failed: {error_text(exc)}")
+        return None
     return cal["timings"][CHAIN_PAIR[0]], cal["timings"][CHAIN_PAIR[1]]
 
 
@@ -805,14 +811,10 @@ def run_model(
     barrier = "deferred" if grad_copies == "deferred" else "barrier"
     # The host model: this model's one-device launch costs, autograd's threads taking turns,
     # and the two-device factors of the calibration chain (none of these placements).
-    chain = calib["chains"][MODEL_CHAIN[name]]["timings"]
     hosts = {
         "one-gpu": fit_host_model(timing, grad_copies=barrier),
         "full": fit_host_model(
-            timing,
-            (chain["one device"], chain["alternating"]),
-            backward_threads="shared",
-            grad_copies=barrier,
+            timing, chain_timings(calib, name), backward_threads="shared", grad_copies=barrier
         ),
     }
     host = hosts["full"]
@@ -876,7 +878,10 @@ def run_model(
         # the gradient copies used (a configuration retried with autograd's is replayed so),
         # the host calibrated once per model or re-timed right before this configuration.
         used_barrier = "deferred" if used == "deferred" else "barrier"
-        drift = host_at(timing, chain_ref, now, used_barrier)
+        if chain_ref is None or now is None:
+            drift = replace_host(host, used_barrier)
+        else:
+            drift = host_at(timing, chain_ref, now, used_barrier)
         replay = drift if args.host_model == "now" else replace_host(host, used_barrier)
         sim_host = simulate(graph, gp, loaded, contention=args.contention, host=replay, order=order)
         terms = replay_terms(graph, gp, (cluster, loaded), hosts, order, meas, used_barrier)
@@ -897,8 +902,8 @@ def run_model(
             fidelity_host=fid_host,
             replay_terms_s=terms,
             host_chain_us={
-                "reference": [[x * 1e6 for x in t.per_launch] for t in chain_ref],
-                "now": [[x * 1e6 for x in t.per_launch] for t in now],
+                k: [[x * 1e6 for x in t.per_launch] for t in v] if v else None
+                for k, v in (("reference", chain_ref), ("now", now))
             },
             replay_terms_fidelity={k: _rel_err(v, meas["step_s"]) for k, v in terms.items()},
             simulated_host_phases_s={
@@ -1020,31 +1025,47 @@ def simulated_clusters(graph, comm, single_est: int, contention: str) -> list[di
 def calibrate(devices, quick: bool, models: list[str]) -> dict[str, Any]:
     """The run's placement-independent calibrations: each needed calibration chain's host
     time on one and on two devices, and compute slowed by a concurrent copy."""
-    chains = {}
+    chains: dict[str, Any] = {}
     for kind in dict.fromkeys(MODEL_CHAIN[m] for m in models):
-        chains[kind] = chain = calibrate_multi_device(devices, 3 if quick else 20, quick, kind)
-        one, two = (chain["per_launch_us"][k] for k in ("one device", "alternating"))
+        try:
+            chains[kind] = chain = calibrate_multi_device(devices, 3 if quick else 20, quick, kind)
+        except Exception as exc:  # without it the factors stay 1: report, do not stop
+            traceback.clear_frames(exc.__traceback__)
+            chains[kind] = {"error": error_text(exc)}
+            print(f"{kind} calibration chain failed (factors 1): {chains[kind]['error']}")
+            continue
+        one, two = (chain["per_launch_us"][k] for k in CHAIN_PAIR)
         print(
             f"host per launch, {kind} calibration chain (forward / backward task): one device "
             f"{one[0]:.1f} / {one[1]:.1f} us, two devices {two[0]:.1f} / {two[1]:.1f} us"
         )
     src, dst = str(devices[0]), str(devices[1])
-    if quick:
-        samples = copy_contention(
-            src, dst, elements=2**14, matmul_side=64, copy_elements=2**16, repeats=3
-        )
+    small = {"elements": 2**14, "matmul_side": 64, "copy_elements": 2**16, "repeats": 3}
+    try:
+        samples = copy_contention(src, dst, **(small if quick else {}))
+        slowdown = fit_copy_slowdown(samples)
+    except Exception as exc:  # no contention term rather than no benchmark
+        traceback.clear_frames(exc.__traceback__)
+        print(f"copy contention measurement failed (copy_slowdown 0): {error_text(exc)}")
+        samples, slowdown = [{"error": error_text(exc)}], 0.0
     else:
-        samples = copy_contention(src, dst)
-    slowdown = fit_copy_slowdown(samples)
-    print(
-        "compute during a copy: "
-        + ", ".join(
-            f"{x['op']} on {x['side']} x{x['with_copy_s'] / x['alone_s']:.2f}" for x in samples
+        print(
+            "compute during a copy: "
+            + ", ".join(
+                f"{x['op']} on {x['side']} x{x['with_copy_s'] / x['alone_s']:.2f}" for x in samples
+            )
+            + f" -> copy_slowdown {slowdown:.3f}"
         )
-        + f" -> copy_slowdown {slowdown:.3f}"
-    )
     release_device_memory(devices)
     return {"chains": chains, "contention": samples, "copy_slowdown": slowdown}
+
+
+def chain_timings(calib: dict[str, Any], model: str) -> tuple[HostTiming, HostTiming] | None:
+    """The calibration chain's (one device, alternating) timings for ``model``, if measured."""
+    chain = calib["chains"].get(MODEL_CHAIN[model], {})
+    if "timings" not in chain:
+        return None
+    return chain["timings"][CHAIN_PAIR[0]], chain["timings"][CHAIN_PAIR[1]]
 
 
 def print_terms(infos: list[dict[str, Any]]) -> None:
@@ -1336,6 +1357,8 @@ def main() -> None:
                     "per_launch_us": c["per_launch_us"],
                     "timings": {k: dataclasses.asdict(t) for k, t in c["timings"].items()},
                 }
+                if "timings" in c
+                else c
                 for kind, c in calib["chains"].items()
             },
             "copy_contention": calib["contention"],

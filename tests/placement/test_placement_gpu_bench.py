@@ -307,3 +307,16 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
         want = bench.simulate(graph, gp, loaded, host=full, order=order).makespan
         assert r["+ copy contention"] == pytest.approx(want), r["placement"]
         assert set(replay.TERMS) <= set(r)
+
+
+def test_failed_calibrations_leave_the_terms_off_not_the_run(bench, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise RuntimeError("no peer access")
+
+    monkeypatch.setattr(bench, "calibrate_multi_device", fail)
+    monkeypatch.setattr(bench, "copy_contention", fail)
+    calib = bench.calibrate([torch.device("cpu")] * 2, True, ["inception"])
+    assert calib["chains"]["conv"] == {"error": "RuntimeError: no peer access"}
+    assert calib["copy_slowdown"] == 0.0 and "no peer access" in calib["contention"][0]["error"]
+    assert bench.chain_timings(calib, "inception") is None
+    assert bench.chain_now([torch.device("cpu")] * 2, True, "conv") is None
