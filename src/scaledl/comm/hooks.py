@@ -393,10 +393,16 @@ def _all_gather(
     if n == 1:
         return t
     out = torch.empty(n * t.numel(), dtype=t.dtype, device=t.device)
-    if t.numel():  # gloo hangs on empty tensors
+    if t.is_cuda:  # straight into ``out``: NCCL's list form gathers into a copy, then splits
+        _all_gather_single(out, t, group=state.process_group)
+    elif t.numel():  # gloo hangs on empty tensors
         dist.all_gather(list(out.view(n, -1).unbind(0)), t, group=state.process_group)
     state.stats.record(kind, (n - 1) * t.numel() * t.element_size(), 0)
     return out
+
+
+#: the single-tensor all-gather (renamed in newer torch versions)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _rows(buf: torch.Tensor, n: int) -> torch.Tensor:
