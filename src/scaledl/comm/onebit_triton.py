@@ -79,6 +79,10 @@ def _norm(compressor: Any) -> int:
     return {"mean_abs": 1, "l2_sqrt_d": 2, "none": 0}[compressor.scale]
 
 
+#: integer arguments that only index bytes or bound a mask: not specialised on (Triton
+#: compiles a variant per divisibility by 16 of each specialised integer), fewer compiles
+_SHARD_ARGS = ["row_bytes", "valid"]
+
 if triton is not None:
 
     @triton.jit
@@ -129,7 +133,7 @@ if triton is not None:
         p = _worker_p(src, err, row * d + i, mask, numel, factor)
         tl.store(partial + row * tl.num_programs(1) + blk, _block_sum(p, mask, NORM))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SHARD_ARGS)
     def _server_sums_kernel(recv, N_ROWS: tl.constexpr, row_bytes, err, partial, d, valid,
                             NORM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         blk = tl.program_id(1)
@@ -138,7 +142,7 @@ if triton is not None:
         p = _server_p(recv, N_ROWS, row_bytes, err, i, mask, valid)
         tl.store(partial + blk, _block_sum(p, mask, NORM))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_partial"])
     def _finish_kernel(partial, scale, n_partial, d_f, sqrt_d,
                        NORM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         # one program per row sums the row's partials (BLOCK >= their count) in a fixed
@@ -186,7 +190,7 @@ if triton is not None:
         # the bucket's padding keeps a zero error (as the hook's _zero_padding)
         _pack_store(p, scale, row, out, res, offs, numel, j, lane, mask, nb, NORM, BYTES)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_SHARD_ARGS)
     def _server_pack_kernel(recv, N_ROWS: tl.constexpr, row_bytes, err, scale, out, res, d,
                             nb, valid, NORM: tl.constexpr, BYTES: tl.constexpr):  # fmt: skip
         blk = tl.program_id(1)
@@ -197,7 +201,7 @@ if triton is not None:
         p = _server_p(recv, N_ROWS, row_bytes, err, i, mask, valid)
         _pack_store(p, scale, 0, out, res, i, d, j, lane, mask, nb, NORM, BYTES)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["row_bytes"])
     def _decode_kernel(recv, row_bytes, out, numel, d, BLOCK: tl.constexpr):
         row, blk = tl.program_id(0), tl.program_id(1)
         i = blk * BLOCK + tl.arange(0, BLOCK)
