@@ -32,6 +32,15 @@ per-pixel transfer, one affine map per image is fitted to the dense matches by i
 reweighted least squares (:func:`estimate_affine`; positions whose match contradicts the global
 transform, e.g. under an occluder, drop out), and the full-resolution template masks are warped
 with it and blurred (:func:`warp_masks`, ``align_blur``).
+
+Match gate (``match_gate=True``): where the image's embedding matches no anatomy seen in clean
+training images (its best cosine to the template and to a memory bank of clean training
+embeddings, :func:`memory_evidence`, falls below a low quantile of its clean distribution),
+e.g. under an occluder, the decoder's logits are gated off and the prior decides, the template
+being warped there by the match displacement interpolated from the trusted surroundings
+(:func:`match_displacement`, :func:`fill_low_evidence`, :func:`warp_by_displacement`). The gate
+is calibrated after training on clean training images only
+(:meth:`ShapePriorNet.calibrate_match_gate`); training itself is unchanged.
 """
 
 from __future__ import annotations
