@@ -308,26 +308,16 @@ def _run_config(
 
 
 def _codec_seconds(events: Any, cuda: bool) -> float:
-    """Time of the kernels launched inside the hook's codec ranges (CPU runs: host time).
+    """Time of the work issued inside the hook's codec ranges (CPU runs: host time).
 
-    Each range's device total is the sum of the kernel durations of the operators inside it
-    (the collectives are outside the ranges); device-side copies of the annotations are
-    skipped so that nothing counts twice.
+    Every device kernel and copy launched inside a range counts, the Triton kernels launched
+    straight through the driver included (:func:`scaledl.comm.profiling.range_time`); the
+    collectives are outside the ranges.
     """
     from scaledl.comm.hooks import CODEC_RANGE
+    from scaledl.comm.profiling import range_time
 
-    total_us = 0.0
-    for e in events:
-        if e.name != CODEC_RANGE or getattr(e, "device_type", None) not in (
-            None,
-            torch.autograd.DeviceType.CPU,
-        ):
-            continue
-        if cuda:
-            total_us += getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        else:
-            total_us += e.cpu_time_total
-    return total_us * 1e-6
+    return range_time(events, CODEC_RANGE, device=cuda)
 
 
 def _busy_seconds(events: Any) -> float | None:

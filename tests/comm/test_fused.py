@@ -319,10 +319,36 @@ def test_fused_hook_equals_eager_hook_on_nccl():
     _check_fused_vs_eager(results, 2)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+_NEEDS_CC = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="inductor needs a C compiler"
 )
+
+
+@_NEEDS_CC
+def test_compiled_cast_rounds_as_eager_cpu(monkeypatch):
+    """The Kernel's compile options keep the cast's rounding inside the fused kernel.
+
+    Without them inductor computes the residual ``p - float(p.to(fp16))`` from the uncast
+    value (the residual is then not the error the payload made); on CUDA Triton may also
+    contract multiply-adds. Inductor's CPU backend shows the first effect, so this runs there.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(fk, "compile_available", lambda device: True)
+    kernel = fk.Kernel(fk._cast_encode)
+    cpu = torch.device("cpu")
+    for wire in (torch.float16, torch.bfloat16):
+        src, err = _grad_like((1001,), 8), _grad_like((1004,), 9) * 1e-3
+        got = kernel(src, err, 0.25, wire, device=cpu)
+        want = fk._cast_encode(src, err, 0.25, wire)
+        assert kernel.failed is None and kernel._compiled is not None
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), wire
+        assert got[1].abs().max() > 0  # the cast did round: a residual to keep
+
+
+@pytest.mark.slow
+@_NEEDS_CC
 def test_functions_compile_whole_with_dynamic_shapes_cpu():
     """Each function is one graph (no graph breaks) for any length, rows and cut; equal to eager."""
     import torch._dynamo
@@ -331,7 +357,7 @@ def test_functions_compile_whole_with_dynamic_shapes_cpu():
     comp = get_compressor("onebit")
 
     def compiled(kernel: fk.Kernel):
-        return torch.compile(kernel.fn, dynamic=True, fullgraph=True)
+        return torch.compile(kernel.fn, dynamic=True, fullgraph=True, options=fk.compile_options())
 
     prepare, pack_res = compiled(fk._PREPARE), compiled(fk._PACK_RESIDUAL)
     server, decode = compiled(fk._SERVER_SUM), compiled(fk._DECODE_INTO)

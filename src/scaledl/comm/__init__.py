@@ -3,8 +3,9 @@
 Compressors with fixed-size payloads (:mod:`~scaledl.comm.compressors`), error feedback
 (:mod:`~scaledl.comm.error_feedback`), the two-way DDP communication hook
 (:mod:`~scaledl.comm.hooks`) with its fused codec kernels (:mod:`~scaledl.comm.fused`,
-:mod:`~scaledl.comm.onebit_triton`), the CLAN optimizer (:mod:`~scaledl.comm.clan`) and byte
-accounting (:mod:`~scaledl.comm.accounting`). See docs/comm.md.
+:mod:`~scaledl.comm.onebit_triton`), the CLAN optimizer (:mod:`~scaledl.comm.clan`), byte
+accounting (:mod:`~scaledl.comm.accounting`) and the codec's time in a profile
+(:mod:`~scaledl.comm.profiling`). See docs/comm.md.
 
 Names are imported on first use, so ``scaledl --help`` does not pay for importing torch.
 """

@@ -15,7 +15,8 @@ kernel, in another summation order than ``torch.linalg.vector_norm`` (the scale 
 rounding; signs and layout do not); :func:`onebit_encode` keeps the compressor's own norm and
 is exact. And the server adds the ranks' decoded rows left to right, which is the eager sum
 for two ranks only. The world-size pre-scale is a multiplication only where that is exact
-(``n`` a power of two).
+(``n`` a power of two). On CUDA the functions are compiled with :func:`compile_options`, so
+that a cast to fp16/bf16 rounds where eager rounds and no multiply-add is contracted.
 
 :class:`Kernel` compiles lazily, on the first CUDA call; if compiling or running the compiled
 kernel fails it warns once and runs the eager function from then on.
@@ -35,6 +36,7 @@ __all__ = [
     "Kernel",
     "cast_encode_with_feedback",
     "compile_available",
+    "compile_options",
     "encode_rows",
     "exact_prescale",
     "onebit_decode_into",
@@ -59,8 +61,25 @@ def compile_available(device: torch.device) -> bool:
     return True
 
 
+def compile_options() -> dict[str, Any]:
+    """Inductor options that keep compiled element-wise code rounding as eager torch does.
+
+    By default inductor keeps a value cast to fp16/bf16 in fp32 when the cast's consumer is in
+    the same kernel (the cast encode's residual ``p - float(p.to(fp16))`` would then skip the
+    rounding) and lets Triton contract a multiply and an add into one fused multiply-add.
+    ``emulate_precision_casts`` keeps every cast's rounding and turns that contraction off
+    (Triton's ``enable_fp_fusion=False``), so each operation rounds as its eager kernel does.
+    """
+    try:
+        from torch._inductor import config
+    except ImportError:
+        return {}
+    return {"emulate_precision_casts": True} if hasattr(config, "emulate_precision_casts") else {}
+
+
 class Kernel:
-    """A plain torch function, compiled with ``torch.compile(dynamic=True)`` on CUDA inputs.
+    """A plain torch function, compiled with ``torch.compile(dynamic=True)`` on CUDA inputs
+    (with :func:`compile_options`, so that it rounds as eager).
 
     CPU inputs (and every call after a failed compilation) run the function eagerly. The
     first failure warns once, naming the kernel and the error; it never raises.
@@ -77,7 +96,7 @@ class Kernel:
             return self.fn(*args)
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=True)
+                self._compiled = torch.compile(self.fn, dynamic=True, options=compile_options())
             return self._compiled(*args)
         except Exception as exc:  # compiler or Triton missing/broken: stay correct, warn
             self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
