@@ -291,11 +291,12 @@ def _run_config(
         state.time_phases = False
     if phase_steps:  # unshaped: a kernel profile of every configuration
         # every rank runs the profiled steps (collectives); rank 0 records them
-        table, codec_s, busy_s = _profile_steps(one_step, device, record=rank == 0)
+        table, codec_s, busy_s, counts = _profile_steps(one_step, device, record=rank == 0)
         if rank == 0:
             out["device_busy_s_per_step"] = busy_s
             if kind == "ours":
                 out["codec_s_per_step"] = codec_s
+                out["codec_device_events"] = counts  # how kernels were placed (CUDA)
                 if profile:
                     out["profile"] = table
     if kind == "ours":
@@ -307,17 +308,17 @@ def _run_config(
     return out
 
 
-def _codec_seconds(events: Any, cuda: bool) -> float:
+def _codec_seconds(events: Any, cuda: bool, counts: dict[str, int]) -> float:
     """Time of the work issued inside the hook's codec ranges (CPU runs: host time).
 
     Every device kernel and copy launched inside a range counts, the Triton kernels launched
-    straight through the driver included (:func:`scaledl.comm.profiling.range_time`); the
-    collectives are outside the ranges.
+    straight through the driver included (:func:`scaledl.comm.profiling.range_time`; ``counts``
+    receives how the device events were placed); the collectives are outside the ranges.
     """
     from scaledl.comm.hooks import CODEC_RANGE
     from scaledl.comm.profiling import range_time
 
-    return range_time(events, CODEC_RANGE, device=cuda)
+    return range_time(events, CODEC_RANGE, device=cuda, counts=counts)
 
 
 def _busy_seconds(events: Any) -> float | None:
@@ -335,16 +336,17 @@ def _busy_seconds(events: Any) -> float | None:
 
 def _profile_steps(
     one_step: Any, device: torch.device, steps: int = 3, record: bool = True
-) -> tuple[str, float | None, float | None]:
+) -> tuple[str, float | None, float | None, dict[str, int]]:
     """torch.profiler over ``steps`` steps: a kernel table sorted by device (CPU: host) self
-    time, the codec time per step (:func:`_codec_seconds`) and the non-collective device time
-    per step (:func:`_busy_seconds`)."""
+    time, the codec time per step (:func:`_codec_seconds`), the non-collective device time
+    per step (:func:`_busy_seconds`) and how the device events were placed in or out of the
+    codec ranges."""
     from torch.profiler import ProfilerActivity, profile
 
     if not record:
         for step in range(steps):
             one_step(step)
-        return "", None, None
+        return "", None, None, {}
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -353,7 +355,8 @@ def _profile_steps(
         if cuda:
             torch.cuda.synchronize(device)
     events = prof.events()
-    codec = _codec_seconds(events, cuda) / steps
+    counts: dict[str, int] = {}
+    codec = _codec_seconds(events, cuda, counts) / steps
     busy = _busy_seconds(events)
     busy = None if busy is None else busy / steps
     table = prof.key_averages()
@@ -362,10 +365,10 @@ def _profile_steps(
     ):
         try:  # the device sort key was renamed across torch versions
             table = table.table(sort_by=sort, row_limit=18, max_name_column_width=60)
-            return table, codec, busy
+            return table, codec, busy, counts
         except Exception:
             continue
-    return "", codec, busy
+    return "", codec, busy, counts
 
 
 def _rank_job(
@@ -619,6 +622,7 @@ def main() -> None:
                     if r.get("codec_s_per_step") is not None
                     else None
                 ),
+                "codec_device_events": r.get("codec_device_events"),
                 "fused_fallbacks": r.get("fused_fallbacks"),
                 "device_busy_s_per_step": r.get("device_busy_s_per_step"),
                 # includes compiling the fused kernels (once per process: Dynamo + inductor
@@ -701,7 +705,10 @@ def main() -> None:
         print(f"\nfused kernels that fell back to eager: {fallbacks}", file=sys.stderr)
     for label, rec in curve.items():
         if rec.get("profile"):
-            print(f"\nprofile of 2 steps, rank 0, unshaped: {label}\n{rec['profile']}")
+            placed = rec.get("codec_device_events") or "no device events"
+            print(f"\nprofile of 3 steps, rank 0, unshaped: {label}")
+            print(f"codec-range device events (counted by how placed / outside): {placed}")
+            print(rec["profile"])
     path = save_results(
         "comm_ddp_link",
         {

@@ -67,8 +67,10 @@ def test_device_time_counts_every_kernel_launched_inside_the_ranges():
         _ev(903, "mm_kernel", 400, 450, device=True, linked=3, stream=7),
         _ev(904, "after_kernel", 360, 380, device=True, stream=7),  # past the span
     ]
-    got = range_time(events, CODEC_RANGE, device=True)
+    counts: dict = {}
+    got = range_time(events, CODEC_RANGE, device=True, counts=counts)
     assert abs(got - 49e-6) < 1e-12, got
+    assert counts == {"launch": 2, "operator": 1, "device_span": 1, "outside": 3}
     # the same events without the device-side span: the unlinked kernel is outside
     no_span = [e for e in events if not (e.is_user_annotation and e.device_type != DeviceType.CPU)]
     assert abs(range_time(no_span, CODEC_RANGE, device=True) - 45e-6) < 1e-12

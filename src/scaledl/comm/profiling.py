@@ -48,12 +48,18 @@ class _Spans:
                 self.starts.append(a)
                 self.ends.append(b)
 
+    def covers(self, a: float, b: float) -> bool:
+        """Whether one interval holds all of [a, b]."""
+        i = bisect.bisect_right(self.starts, a) - 1
+        return i >= 0 and b <= self.ends[i]
+
     def __contains__(self, t: float) -> bool:
-        i = bisect.bisect_right(self.starts, t) - 1
-        return i >= 0 and t <= self.ends[i]
+        return self.covers(t, t)
 
 
-def range_time(events: Iterable[Any], name: str, device: bool = True) -> float:
+def range_time(
+    events: Iterable[Any], name: str, device: bool = True, counts: dict[str, int] | None = None
+) -> float:
     """Seconds of work issued inside the ranges called ``name`` (each event counted once).
 
     ``events`` is ``prof.events()`` of a :class:`torch.profiler.profile`. ``device=True``:
@@ -61,6 +67,10 @@ def range_time(events: Iterable[Any], name: str, device: bool = True) -> float:
     stream time; the ranges' own device-side copies are not counted). ``device=False``: the
     self host time of every operator, the ranges included, that starts inside a range on the
     range's thread (so a range's Python time between its operators counts too).
+
+    ``counts`` (device only), if given, receives how many device events were counted, by how
+    they were placed (``"launch"``, ``"operator"``, ``"device_span"``), and how many were not
+    (``"outside"``).
     """
     events = list(events)
     ranges = [e for e in events if e.name == name and _is_host(e)]
@@ -92,23 +102,23 @@ def range_time(events: Iterable[Any], name: str, device: bool = True) -> float:
             kernels.append(e)
     device_spans = {key: _Spans(s) for key, s in on_device.items()}
     us = 0.0
+    tally = dict.fromkeys(("launch", "operator", "device_span", "outside"), 0)
     for k in kernels:
-        issuer = api.get(k.id) or ops.get(getattr(k, "linked_correlation_id", 0) or -1)
+        launch = api.get(k.id)
+        issuer = launch or ops.get(getattr(k, "linked_correlation_id", 0) or -1)
         if issuer is not None:
+            how = "launch" if launch is not None else "operator"
             counted = issuer.time_range.start in host
         else:  # no host link: inside the range's device-side span on its stream
-            spans_k = device_spans.get(_stream(k))
-            counted = spans_k is not None and _within(k, spans_k)
+            how, spans_k = "device_span", device_spans.get(_stream(k))
+            counted = spans_k is not None and spans_k.covers(k.time_range.start, k.time_range.end)
+        tally[how if counted else "outside"] += 1
         if counted:
             us += k.time_range.elapsed_us()
+    if counts is not None:
+        counts.update(tally)
     return us * 1e-6
 
 
 def _stream(e: Any) -> tuple[Any, Any]:
     return e.device_index, getattr(e, "device_resource_id", None)
-
-
-def _within(e: Any, spans: _Spans) -> bool:
-    a, b = e.time_range.start, e.time_range.end
-    i = bisect.bisect_right(spans.starts, a) - 1
-    return i >= 0 and b <= spans.ends[i]
