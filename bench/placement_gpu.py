@@ -416,7 +416,7 @@ def profile_phases(step: Callable[[], None], devices) -> dict[str, Any]:
     """One profiled step: per phase (by when the host launched the work: the forward, the
     ``backward()`` call, the optimizer step) and device, the milliseconds of kernels and of
     copies (``Memcpy``) the GPU ran, and each phase's host window. A kernel is attributed by
-    its launch call (linked correlation id), else by its own start (``unmatched``)."""
+    its launch call (correlation id), else by its own start (``unmatched``)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = cuda_devices(devices)
@@ -452,11 +452,17 @@ def attribute_events(events) -> dict[str, Any]:
     for e in events:
         if e.device_type() == cpu or e.name().startswith("phase:"):
             continue
-        t = launched.get(e.linked_correlation_id())
+        # The GPU record carries its launch call's correlation id (older kineto: the linked
+        # one). Unmatched: the last phase whose host window opened before the kernel started
+        # (a kernel runs after its launch; it may run after every window has closed).
+        t = launched.get(e.correlation_id(), launched.get(e.linked_correlation_id()))
         if t is None:
             out["unmatched"] += 1
-            t = e.start_ns()
-        phase = next((k for k, (a, b) in windows.items() if a <= t <= b), "other")
+            start = e.start_ns()
+            opened = [(a, k) for k, (a, _) in windows.items() if a <= start]
+            phase = max(opened)[1] if opened else "other"
+        else:
+            phase = next((k for k, (a, b) in windows.items() if a <= t <= b), "other")
         kind = "copy" if e.name().startswith("Memcpy") else "kernel"
         key = f"{phase}/{e.device_index()}"
         row = out["device_ms"].setdefault(key, {"kernel": 0.0, "copy": 0.0})
@@ -1201,9 +1207,10 @@ def main() -> None:
     ap.add_argument(
         "--host-model",
         choices=["run", "now"],
-        default="run",
-        help="sim+host's host costs: calibrated once per model (run) or re-timed on the "
-        "calibration chain right before each configuration (now)",
+        default="now",
+        help="sim+host's host costs: re-timed on the calibration chain right before each "
+        "configuration (now, default: the host's speed drifts during a run) or calibrated "
+        "once per model (run)",
     )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/)")
     args = ap.parse_args()

@@ -339,3 +339,19 @@ def test_optimizer_launches_spread_over_its_host_time() -> None:
     assert late.makespan == pytest.approx((10.2 + 5 + 0.5) * MS)  # launched at 15.2
     with pytest.raises(ValueError, match="host launch costs"):
         HostModel(0.0, optimizer_s=-1.0)
+
+
+def test_shared_backward_threads_alternate_when_both_have_work() -> None:
+    """Two devices, two independent nodes each: taking turns, the threads alternate (device
+    0 first on the first tie) instead of one draining its queue before the other starts."""
+    names = ["a", "c", "b", "d"]
+    g = _graph(
+        [(f"{k}:{n}", 1) for k in ("fwd", "bwd") for n in names],
+        [(f"fwd:{n}", f"bwd:{n}") for n in names],
+    )
+    place = {n: 0 if n[-1] in "ac" else 1 for n in g.names}
+    host = HostModel(1 * MS, 1 * MS, backward_threads="shared")
+    t = dict(zip(g.names, host_launch_times(g, place, host) / MS))
+    # Forward a, c, b, d at 1-4; backward, latest created first on each device: c (5), d (6),
+    # a (7), b (8).
+    assert [t[k] for k in ("bwd:c", "bwd:d", "bwd:a", "bwd:b")] == pytest.approx([5, 6, 7, 8])

@@ -320,3 +320,54 @@ def test_failed_calibrations_leave_the_terms_off_not_the_run(bench, monkeypatch)
     assert calib["copy_slowdown"] == 0.0 and "no peer access" in calib["contention"][0]["error"]
     assert bench.chain_timings(calib, "inception") is None
     assert bench.chain_now([torch.device("cpu")] * 2, True, "conv") is None
+
+
+class _Event:
+    """A stand-in for a kineto event (the methods ``attribute_events`` reads)."""
+
+    def __init__(self, name, cpu, start, dur, corr=0, linked=0, dev=0):
+        self._v = (name, cpu, start, dur, corr, linked, dev)
+
+    def name(self):
+        return self._v[0]
+
+    def device_type(self):
+        cpu = torch.autograd.DeviceType
+        return cpu.CPU if self._v[1] else cpu.CUDA
+
+    def start_ns(self):
+        return self._v[2]
+
+    def duration_ns(self):
+        return self._v[3]
+
+    def correlation_id(self):
+        return self._v[4]
+
+    def linked_correlation_id(self):
+        return self._v[5]
+
+    def device_index(self):
+        return self._v[6]
+
+
+def test_kernels_are_attributed_to_the_phase_that_launched_them(bench) -> None:
+    ms = 10**6
+    events = [
+        _Event("phase:forward", True, 0, 10 * ms),
+        _Event("phase:backward", True, 10 * ms, 10 * ms),
+        _Event("cudaLaunchKernel", True, 5 * ms, 1000, corr=7),
+        _Event("cudaLaunchKernel", True, 15 * ms, 1000, corr=8),
+        # Launched in the forward, runs during the backward window: still the forward's.
+        _Event("conv_kernel", False, 12 * ms, 2 * ms, corr=7, dev=1),
+        _Event("Memcpy PtoP (Device -> Device)", False, 16 * ms, 1 * ms, linked=8, dev=0),
+        # No launch record: the last window opened before it started (the backward).
+        _Event("bn_kernel", False, 30 * ms, 3 * ms, corr=99),
+    ]
+    out = bench.attribute_events(events)
+    assert out["host_window_ms"] == {"forward": [0.0, 10.0], "backward": [10.0, 20.0]}
+    assert out["device_ms"] == {
+        "forward/1": {"kernel": 2.0, "copy": 0.0},
+        "backward/0": {"kernel": 3.0, "copy": 1.0},
+    }
+    assert out["unmatched"] == 1

@@ -182,8 +182,10 @@ class HostModel:
     ``backward_threads``: ``"device"`` (autograd's thread per device launch in parallel) or
     ``"shared"`` (they take turns: one host timeline for every backward task, as when the
     threads contend for the GIL, which the Python copy functions and hooks hold, and for the
-    CUDA driver's launch path). On 2 H200s the measured ``backward()`` wall time of split
-    placements is what one-device per-task costs give when serialised, not in parallel.
+    CUDA driver's launch path; when several threads have a task ready, the one that waited
+    longest goes first, as a contended lock alternates). On 2 H200s the measured
+    ``backward()`` wall time of split placements is what one-device per-task costs give when
+    serialised, not in parallel.
 
     ``multi_forward`` / ``multi_backward``: factors on the forward (and forward copy) and the
     backward launch costs when the placement uses two or more devices. The per-launch host
@@ -410,18 +412,21 @@ class _ExecutorReplay:
         for k, task in enumerate(tasks):
             if not left[k]:
                 pending[task[2]].append(k)
-        for _ in range(len(tasks)):
+        turn = [0] * m  # when each thread last ran (shared: ties go to the longest waiting)
+        for step in range(1, len(tasks) + 1):
             best = None
             for d in range(m):
                 if not pending[d]:
                     continue
                 t = max(free[d], min(ready_at[k] for k in pending[d]))
                 k = max((k for k in pending[d] if ready_at[k] <= t), key=lambda k: tasks[k][3])
-                if best is None or t < best[0]:
-                    best = (t, d, k)
+                if best is None or (t, turn[d]) < best[0]:
+                    best = ((t, turn[d]), d, k)
             if best is None:
                 raise ValueError("the backward graph has a cycle")
-            t, d, k = best
+            (t, _), d, k = best
+            if shared:
+                turn[d] = step
             pending[d].remove(k)
             kind, payload, _, _, cost = tasks[k]
             free[d] = t + cost
