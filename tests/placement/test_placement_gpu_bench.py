@@ -280,6 +280,10 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
     timing = bench.HostTiming(2e-3, 20, 3e-3, 20, 1e-3)
     meas = {"host_forward_s": 4e-3, "host_backward_s": 6e-3, "launches_per_forward": 25}
     meas |= {"copies_per_forward": 2, "host_optimizer_s": 1e-3, "step_s": 0.01}
+    # The chain re-timed before the configuration ran as fast as at calibration, with a
+    # two-device factor of 1.5 (forward) and 1 (backward).
+    chain = [[100.0, 100.0], [150.0, 100.0]]
+    meas["host_chain_us"] = {"reference": chain, "now": chain}
     run = {
         "mode": "quick-cpu",
         "comm_fit": {"latency_s": 1e-5, "bandwidth_Bps": 1e9},
@@ -306,6 +310,7 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
         )
         want = bench.simulate(graph, gp, loaded, host=full, order=order).makespan
         assert r["+ copy contention"] == pytest.approx(want), r["placement"]
+        assert r["+ host speed now"] == pytest.approx(want), r["placement"]
         assert set(replay.TERMS) <= set(r)
 
 
