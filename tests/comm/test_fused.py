@@ -165,7 +165,7 @@ def test_kernel_falls_back_once_with_a_warning(monkeypatch):
     assert torch.equal(first, fk._onebit_pack(p)) and torch.equal(second, first)
 
 
-def test_fused_option_selects_the_exchange():
+def test_fused_option_selects_the_exchange(monkeypatch):
     cpu = torch.device("cpu")
     for bad in ("yes", 1, "Triton"):
         with pytest.raises(ValueError, match="fused must be"):
@@ -175,6 +175,10 @@ def test_fused_option_selects_the_exchange():
     assert CompressionState("onebit", fused="triton")._triton()
     assert not CompressionState("onebit", fused="compile")._triton()
     assert CompressionState("onebit")._fused_fn(cpu) is None  # auto: CUDA only
+    with monkeypatch.context() as m:  # auto where kernels can be built: Triton for 1-bit
+        m.setattr(fk, "compile_available", lambda device: True)
+        auto = CompressionState("onebit")
+        assert auto._fused_fn(cpu) is not None and auto._triton()
     assert CompressionState("onebit", fused=False)._fused_fn(cpu) is None
     for cfg in (
         dict(compressor="onebit"),
