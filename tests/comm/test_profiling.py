@@ -54,11 +54,12 @@ def test_device_time_counts_every_kernel_launched_inside_the_ranges():
         _ev(1, CODEC_RANGE, 100, 200, annotation=True),  # the host range
         _ev(2, "aten::add", 110, 120),  # an operator inside
         _ev(3, "aten::mm", 250, 260),  # an operator outside
+        _ev(4, "autograd::engine::evaluate_function", 90, 230),  # encloses the range
         _ev(900, "cuLaunchKernelEx", 130, 135),  # Triton launch, linked to no operator
         _ev(3, "cuLaunchKernel", 140, 142),  # driver call whose id equals an operator's
         _ev(903, "cudaLaunchKernel", 210, 212, linked=3),  # the outside operator's launch
         _ev(1, CODEC_RANGE, 300, 360, device=True, stream=7, annotation=True),  # device copy
-        # kernels (device times): inside are 10 + 25 + 10 + 4 = 49 us
+        # kernels (device times): inside are 10 + 25 + 10 + 4 + 1 = 50 us
         _ev(50, "add_kernel", 300, 310, device=True, linked=2, stream=7),
         _ev(900, "_worker_sums_kernel", 320, 345, device=True, stream=7),
         _ev(3, "_worker_pack_kernel", 346, 356, device=True, stream=7),
@@ -66,12 +67,15 @@ def test_device_time_counts_every_kernel_launched_inside_the_ranges():
         _ev(902, "ncclDevKernel_SendRecv", 330, 340, device=True, stream=9),  # other stream
         _ev(903, "mm_kernel", 400, 450, device=True, linked=3, stream=7),
         _ev(904, "after_kernel", 360, 380, device=True, stream=7),  # past the span
+        # linked to the enclosing operator only: inside the span or not
+        _ev(905, "_server_pack_kernel", 345, 346, device=True, linked=4, stream=7),
+        _ev(906, "optimizer_kernel", 380, 390, device=True, linked=4, stream=7),
     ]
     counts: dict = {}
     got = range_time(events, CODEC_RANGE, device=True, counts=counts)
-    assert abs(got - 49e-6) < 1e-12, got
-    assert counts == {"launch": 2, "operator": 1, "device_span": 1, "outside": 3}
-    # the same events without the device-side span: the unlinked kernel is outside
+    assert abs(got - 50e-6) < 1e-12, got
+    assert counts == {"launch": 2, "operator": 1, "device_span": 2, "outside": 4}
+    # the same events without the device-side span: the kernels placed by it are outside
     no_span = [e for e in events if not (e.is_user_annotation and e.device_type != DeviceType.CPU)]
     assert abs(range_time(no_span, CODEC_RANGE, device=True) - 45e-6) < 1e-12
     assert range_time(events, "elsewhere", device=True) == 0.0

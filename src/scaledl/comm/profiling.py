@@ -8,10 +8,11 @@ A range's own ``device_time_total`` counts only kernels that the profiler linked
 operator inside it; kernels launched straight through the driver, as Triton kernels are, may
 carry no such link and were missed. Here each device event is placed on the host timeline by
 (in that order) the runtime or driver call that launched it (same correlation id, e.g.
-``cuLaunchKernel``), the host operator it is linked to, or, without either, the device-side
-copy of the range on the same device and stream (the profiler's span from the range's first to
-its last kernel; work on one stream runs in launch order, so whatever lies in that span was
-launched inside the range). A device event placed by none of them is counted as outside.
+``cuLaunchKernel``), the host operator it is linked to (where that operator lies inside a range
+or apart from all of them), or else the device-side copy of the range on the same device and
+stream (the profiler's span from the range's first to its last kernel; work on one stream runs
+in launch order, so whatever lies in that span was launched inside the range). A device event
+placed by none of them is counted as outside.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class _Spans:
         """Whether one interval holds all of [a, b]."""
         i = bisect.bisect_right(self.starts, a) - 1
         return i >= 0 and b <= self.ends[i]
+
+    def meets(self, a: float, b: float) -> bool:
+        """Whether an interval intersects [a, b]."""
+        i = bisect.bisect_right(self.starts, b) - 1
+        return i >= 0 and self.ends[i] >= a
 
     def __contains__(self, t: float) -> bool:
         return self.covers(t, t)
@@ -105,11 +111,17 @@ def range_time(
     tally = dict.fromkeys(("launch", "operator", "device_span", "outside"), 0)
     for k in kernels:
         launch = api.get(k.id)
-        issuer = launch or ops.get(getattr(k, "linked_correlation_id", 0) or -1)
-        if issuer is not None:
-            how = "launch" if launch is not None else "operator"
-            counted = issuer.time_range.start in host
-        else:  # no host link: inside the range's device-side span on its stream
+        op = ops.get(getattr(k, "linked_correlation_id", 0) or -1)
+        if launch is not None:
+            how, counted = "launch", launch.time_range.start in host
+        elif op is not None and (
+            op.time_range.start in host or not host.meets(op.time_range.start, op.time_range.end)
+        ):  # the operator runs inside a range, or apart from all of them
+            how, counted = "operator", op.time_range.start in host
+        else:
+            # No launch call, or linked to an operator that encloses a range (a range pushes
+            # no operator link, so a driver launch inside it links to the enclosing operator,
+            # e.g. the autograd node running the hook): inside the range's device-side span?
             how, spans_k = "device_span", device_spans.get(_stream(k))
             counted = spans_k is not None and spans_k.covers(k.time_range.start, k.time_range.end)
         tally[how if counted else "outside"] += 1
