@@ -602,6 +602,40 @@ def calibrate_host(model, fx_names, devices, inputs, leaves, graph, steps=10) ->
     return host_timing(meas, backward_nodes(graph))
 
 
+def host_costs_one_device(model, fx_names, devices, inputs, leaves, steps=5) -> dict:
+    """Per-op host costs of :class:`PlacedModule` with every node on one device (medians over
+    ``steps`` unsynchronised steps after 2 warm-up steps): ``forward_ms`` (each node's launch,
+    ``host_clock``) and ``backward_ms`` (each node's backward task on autograd's one thread,
+    ``backward_clock``). The replay's per-op weights (``HostModel.forward_weights``,
+    ``backward_weights``): measured on one device, never on a predicted placement."""
+    pm = PlacedModule(
+        copy.deepcopy(model), dict.fromkeys(fx_names, 0), devices, leaf_modules=leaves
+    )
+    fwd: dict[str, list[float]] = {}
+    bwd: dict[str, list[float]] = {}
+    try:
+        for i in range(steps + 2):
+            _sync(devices)
+            pm.zero_grad(set_to_none=True)
+            pm.host_clock, pm.backward_clock = ([], []) if i >= 2 else (None, None)
+            loss = pm(*inputs).float().square().mean()
+            loss.backward()
+            end = time.perf_counter()
+            if i >= 2:
+                for name, sec in pm.host_launch_seconds():
+                    fwd.setdefault(name, []).append(sec * 1e3)
+                for name, sec in pm.backward_host_seconds(end).items():
+                    bwd.setdefault(name, []).append(sec * 1e3)
+    finally:
+        pm.host_clock = pm.backward_clock = None
+        del pm
+        release_device_memory(devices)
+    return {
+        "forward_ms": {k: _median(v) for k, v in fwd.items()},
+        "backward_ms": {k: _median(v) for k, v in bwd.items()},
+    }
+
+
 def calibration_chain(kind: str, quick: bool):
     """A multi-device host calibration model: a chain of small layers of the benchmark
     model's kind (``linear``: Linear + ReLU; ``conv``: Inception's ConvBNReLU unit) whose
@@ -808,6 +842,7 @@ def run_model(
     gm = traced.module
     fx_names = [n.name for n in gm.graph.nodes if n.op != "output"]
     timing = calibrate_host(model, fx_names, devices, inputs, leaves, graph)
+    host_costs = host_costs_one_device(model, fx_names, devices, inputs, leaves)
     chain_kind = MODEL_CHAIN[name]
     chain_ref = chain_now(devices, args.quick, chain_kind)
     # Deferred gradient copies (the default) must give autograd's gradients; else fall back.
@@ -949,6 +984,9 @@ def run_model(
         "cap_gib": cap / GIB,
         "host_model": dataclasses.asdict(host),
         "host_timing_one_device": dataclasses.asdict(timing),
+        # Per-op host ms on one device (forward launches, backward tasks): the replay's
+        # per-op weights (``placement_replay.py``, ``+ per-op host costs``).
+        "host_costs_one_device": host_costs,
         "grad_copies": grad_copies,
         "grad_copies_check": grad_check,
         "single_device_estimate_gib": single_est / GIB,

@@ -207,6 +207,48 @@ def test_host_clock_times_every_launch_in_order_only_when_asked() -> None:
     assert max(spent, key=lambda x: x[1])[0] == "_1" and dict(spent)["_1"] >= 0.02
 
 
+def test_backward_clock_times_each_nodes_backward_on_its_thread() -> None:
+    """``backward_clock`` stamps each node's backward start (after all its consumers');
+    ``backward_host_seconds`` charges a node until the next start on its thread, so a slow
+    backward is charged to its node and the charges add up to the backward's host time."""
+    import time
+
+    class SlowGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, g):
+            time.sleep(0.02)
+            return g
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            return SlowGrad.apply(x)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Slow(), torch.nn.Linear(4, 4))
+    gm = symbolic_trace(model, (Slow,))
+    names = [n.name for n in gm.graph.nodes if n.op != "output"]
+    pm = PlacedModule(copy.deepcopy(model), dict.fromkeys(names, 0), ["cpu"], leaf_modules=(Slow,))
+    pm(torch.randn(2, 4)).sum().backward()
+    assert pm.backward_clock is None
+    with pytest.raises(ValueError, match="backward_clock"):
+        pm.backward_host_seconds(0.0)
+    pm.backward_clock = []
+    loss = pm(torch.randn(2, 4)).sum()
+    t0 = time.perf_counter()
+    loss.backward()
+    end = time.perf_counter()
+    # The input needs no gradient: the three modules, last first (reverse topological order).
+    assert [name for name, _, _ in pm.backward_clock] == ["_2", "_1", "_0"]
+    assert len({thread for _, thread, _ in pm.backward_clock}) == 1
+    spent = pm.backward_host_seconds(end)
+    assert set(spent) == {"_0", "_1", "_2"} and min(spent.values()) >= 0
+    assert spent["_1"] >= 0.02 > max(spent["_0"], spent["_2"])
+    assert sum(spent.values()) <= end - t0
+
+
 @pytest.mark.gpu
 def test_inception_split_across_gpus_matches_single_device() -> None:
     """Branches of every block on both GPUs, so cat gradients cross devices as slices."""

@@ -355,3 +355,35 @@ def test_shared_backward_threads_alternate_when_both_have_work() -> None:
     # Forward a, c, b, d at 1-4; backward, latest created first on each device: c (5), d (6),
     # a (7), b (8).
     assert [t[k] for k in ("bwd:c", "bwd:d", "bwd:a", "bwd:b")] == pytest.approx([5, 6, 7, 8])
+
+
+def test_per_op_host_weights_share_out_the_calibrated_costs() -> None:
+    """Weights make an op's launch (backward task) cost ``w / mean(w)`` times the calibrated
+    one; the mean is over the graph's forward (backward) nodes, so one-device totals stay."""
+    g, place = _tiny()
+    host = replace(
+        HOST,
+        forward_weights={"a": 1.0, "b": 1.0, "c": 4.0},  # x 0.5, 0.5, 2 of 3 ms
+        backward_weights={"a": 2.0, "b": 1.0, "c": 3.0},  # x 1, 0.5, 1.5 of 0.3 ms
+    )
+    t = dict(zip(g.names, host_launch_times(g, place, host) / MS))
+    # Forward: a at 1.5, its copy until 1.7, b at 3.2, c at 9.2 (the same total as before).
+    # Backward from 9.2, one thread per device: c 9.2-9.65 on device 0; b 9.2-9.35 on device
+    # 1, then b's gradient copy (0.2, unweighted) until 9.55; device 0's wait after c
+    # 9.65-9.85; a 9.85-10.15; the optimizer when backward returns.
+    expect = {"fwd:a": 1.5, "fwd:b": 3.2, "fwd:c": 9.2, "bwd:c": 9.65, "bwd:b": 9.35}
+    expect |= {"bwd:a": 10.15, "opt:a": 10.15}
+    for k, v in expect.items():
+        assert t[k] == pytest.approx(v), k
+    # On one device the forward still takes 3 x 3 ms and the backward 3 x 0.3 ms.
+    one = simulate(g, dict.fromkeys(g.names, 0), _cluster(), host=host).extra
+    assert one["host_forward_s"] == pytest.approx(9 * MS)
+    assert one["host_backward_s"] == pytest.approx(0.9 * MS)
+    # ``fwd:``-prefixed names are the same ops; extra ops are not used.
+    same = replace(host, forward_weights={"fwd:a": 1.0, "fwd:b": 1.0, "fwd:c": 4.0, "d": 9.0})
+    assert host_launch_times(g, place, same).tolist() == host_launch_times(g, place, host).tolist()
+    with pytest.raises(ValueError, match="backward_weights has no weight for 1 ops"):
+        host_launch_times(g, place, replace(HOST, backward_weights={"a": 1.0, "b": 1.0}))
+    for bad in ({"a": 0.0}, {"a": float("nan")}, {}):
+        with pytest.raises(ValueError, match="forward_weights must be"):
+            replace(HOST, forward_weights=bad)

@@ -129,6 +129,27 @@ def test_host_calibration_divides_unsynchronised_host_time_by_launches(bench) ->
     assert bench.host_timing(meas, 10, "autograd").backward_tasks == 10 + meas["copies_per_forward"]
 
 
+def test_one_device_host_costs_cover_every_launch_and_backward(bench) -> None:
+    """Per-op host milliseconds on one device: one forward launch per fx node, one backward
+    task per node whose output needs a gradient; what the replay's weights need."""
+    model, inputs, leaves, _ = _configuration(bench)
+    graph = bench.trace(model, inputs, leaf_modules=leaves).op_graph()
+    names = [n.name for n in symbolic_trace(model, leaves).graph.nodes if n.op != "output"]
+    costs = bench.host_costs_one_device(model, names, [torch.device("cpu")] * 2, inputs, leaves, 2)
+    assert set(costs["forward_ms"]) == set(names)
+    backward = {n[4:] for n, k in zip(graph.names, graph.kind) if k == "backward"}
+    assert set(costs["backward_ms"]) == backward
+    assert min(costs["forward_ms"].values()) >= 0 and min(costs["backward_ms"].values()) >= 0
+    # They weight a replay on one device without changing its calibrated host totals.
+    host = bench.HostModel(
+        1e-4, 2e-4, forward_weights=costs["forward_ms"], backward_weights=costs["backward_ms"]
+    )
+    cluster = bench.Cluster([1 << 40] * 2, CommCost(1e-5, 1e-9))
+    extra = bench.simulate(graph, [0] * len(graph), cluster, host=host).extra
+    assert extra["host_forward_s"] == pytest.approx(1e-4 * len(names))
+    assert extra["host_backward_s"] == pytest.approx(2e-4 * len(backward))
+
+
 def test_multi_device_calibration_times_each_layout_of_the_chain(bench) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as --quick does: OpenMP barriers cost more than these ops
@@ -284,6 +305,12 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
     # two-device factor of 1.5 (forward) and 1 (backward).
     chain = [[100.0, 100.0], [150.0, 100.0]]
     meas["host_chain_us"] = {"reference": chain, "now": chain}
+    # Per-op host costs measured on one device (here made up, unequal) weight each op.
+    fx_names = [n.name for n in traced.module.graph.nodes if n.op != "output"]
+    costs = {
+        "forward_ms": {k: 1.0 + i % 3 for i, k in enumerate(fx_names)},
+        "backward_ms": {k: 2.0 + i % 2 for i, k in enumerate(fx_names)},
+    }
     run = {
         "mode": "quick-cpu",
         "comm_fit": {"latency_s": 1e-5, "bandwidth_Bps": 1e9},
@@ -294,12 +321,19 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
                 "cap_gib": cap / bench.GIB,
                 "node_seconds": dict(zip(graph.names, graph.compute.tolist())),
                 "host_timing_one_device": dataclasses.asdict(timing),
+                "host_costs_one_device": costs,
                 "records": [{"placement": k, **meas} for k in cands],
             }
         ],
     }
     args = argparse.Namespace(multi_forward=1.5, multi_backward=None, copy_slowdown=None)
-    rows = replay.replay_model(run, run["models"][0], args)
+    forward_w, backward_w, source = replay.one_device_weights([run], "branches")
+    assert (forward_w, backward_w, source) == (
+        costs["forward_ms"],
+        costs["backward_ms"],
+        "this run",
+    )
+    rows = replay.replay_model(run, run["models"][0], args, (forward_w, backward_w))
     assert [r["placement"] for r in rows] == list(cands)
     full = bench.fit_host_model(timing, backward_threads="shared", multi_forward=1.5)
     loaded = dataclasses.replace(cluster, copy_slowdown=0.25)
@@ -311,7 +345,22 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
         want = bench.simulate(graph, gp, loaded, host=full, order=order).makespan
         assert r["+ copy contention"] == pytest.approx(want), r["placement"]
         assert r["+ host speed now"] == pytest.approx(want), r["placement"]
+        weighted = dataclasses.replace(
+            full, forward_weights=costs["forward_ms"], backward_weights=costs["backward_ms"]
+        )
+        want = bench.simulate(graph, gp, loaded, host=weighted, order=order).makespan
+        assert r["+ per-op host costs"] == pytest.approx(want), r["placement"]
         assert set(replay.TERMS) <= set(r)
+    # An older run without them: the forward weights come from the one-device configuration's
+    # host clock (``--diagnose``), there are no backward ones.
+    older = {"models": [{"model": "branches", "records": [{"placement": "m-etf"}]}]}
+    clock = [[k, 0, 0.1] for k in fx_names]
+    older["models"][0]["records"].append(
+        {"placement": replay.ONE_DEVICE, "host_launches_ms": clock}
+    )
+    got = replay.one_device_weights([{"models": []}, older], "branches")
+    assert got == (dict.fromkeys(fx_names, 0.1), None, "run 1, one-device configuration")
+    assert replay.one_device_weights([run], "inception") == (None, None, "none")
 
 
 def test_failed_calibrations_leave_the_terms_off_not_the_run(bench, monkeypatch) -> None:

@@ -30,7 +30,9 @@ the copy bookkeeping and the numerics are the same.
 
 from __future__ import annotations
 
+import functools
 import heapq
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
@@ -105,6 +107,10 @@ class PlacedModule(nn.Module):
         #: Set to a list to have ``forward`` append the host clock before the first launch
         #: and after each node (with its copies): see :meth:`host_launch_seconds`.
         self.host_clock: list[float] | None = None
+        #: Set to a list to have each node's backward append ``(name, thread id, host clock)``
+        #: when it starts (a hook on the gradient of the node's output, which autograd runs
+        #: right before the node's backward): see :meth:`backward_host_seconds`.
+        self.backward_clock: list[tuple[str, int, float]] | None = None
 
     def host_launch_seconds(self) -> list[tuple[str, float]]:
         """Host seconds spent on each node (its launch and its copies) in the last forward
@@ -114,6 +120,25 @@ class PlacedModule(nn.Module):
         if not clock or len(clock) != len(self.order) + 1:
             raise ValueError("set host_clock = [] and run one forward before host_launch_seconds")
         return [(n.name, b - a) for n, a, b in zip(self.order, clock, clock[1:])]
+
+    def backward_host_seconds(self, end: float) -> dict[str, float]:
+        """Host seconds of each node's backward in the last ``backward()`` run with
+        ``backward_clock`` set, ``end`` being the host clock when it returned: from the
+        node's start to the next start on the same autograd thread (the last one: to
+        ``end``). With every node on one device autograd runs one thread, so these are the
+        per-op backward host costs of the replay's ``backward_weights``."""
+        clock = self.backward_clock
+        if not clock:
+            raise ValueError("set backward_clock = [] and run forward and backward first")
+        out: dict[str, float] = {}
+        by_thread: dict[int, list[tuple[float, str]]] = {}
+        for name, thread, t in clock:
+            by_thread.setdefault(thread, []).append((t, name))
+        for starts in by_thread.values():
+            starts.sort()
+            for (t, name), (t_next, _) in zip(starts, [*starts[1:], (end, "")]):
+                out[name] = out.get(name, 0.0) + t_next - t
+        return out
 
     # -- set-up -------------------------------------------------------------------------------
     def _launch_order(self, nodes: list[fx.Node], order: Sequence[str] | None) -> list[fx.Node]:
@@ -328,8 +353,11 @@ class PlacedModule(nn.Module):
         if clock is not None:
             clock.clear()
             clock.append(time.perf_counter())
+        stamps = self.backward_clock
+        if stamps is not None:
+            stamps.clear()
         try:
-            for kind, fn, args, kwargs, d, out_slot, copies, waits in self._records:
+            for i, (kind, fn, args, kwargs, d, out_slot, copies, waits) in enumerate(self._records):
                 idx = cuda_index[d]
                 if idx is not None and idx != current:  # switch only when the device changes
                     torch.cuda.set_device(idx)
@@ -351,6 +379,8 @@ class PlacedModule(nn.Module):
                         self._input(inputs, fn),
                     )
                 vals[out_slot] = out
+                if stamps is not None and isinstance(out, torch.Tensor) and out.requires_grad:
+                    out.register_hook(functools.partial(_stamp, stamps, self.order[i].name))
                 for c, s in copies:
                     if isinstance(out, torch.Tensor):
                         vals[s] = self._copy(out, c, events, s)
@@ -372,6 +402,11 @@ class PlacedModule(nn.Module):
                 lambda t: t.to(self.output_device) if isinstance(t, torch.Tensor) else t, result
             )
         return result
+
+
+def _stamp(clock: list, name: str, grad: torch.Tensor) -> None:
+    """Gradient hook of :attr:`PlacedModule.backward_clock`: the node's backward starts."""
+    clock.append((name, threading.get_ident(), time.perf_counter()))
 
 
 class _GradLink:

@@ -195,7 +195,18 @@ class HostModel:
 
     ``optimizer_s``: host seconds of ``optimizer.step()``; the optimizer nodes are launched
     evenly over it (in graph order) once ``backward()`` has returned. Where the step is
-    host-bound the devices wait for these launches."""
+    host-bound the devices wait for these launches.
+
+    ``forward_weights`` / ``backward_weights``: relative host cost of each op's forward launch
+    / backward task (fx name -> weight > 0), or ``None`` for equal costs. An op's launch costs
+    ``forward_s * w / mean(w)`` (its backward task ``backward_s * w / mean(w)``), the mean
+    taken over the replayed graph's forward (backward) nodes, so the one-device totals that
+    calibrated ``forward_s`` and ``backward_s`` are unchanged; copies, gradient copies and
+    waits keep their costs. A leaf module of several kernels (Conv + BN + ReLU) takes several
+    times the host time of a ``cat`` or a pooling op: measure the weights on one device
+    (``PlacedModule.host_clock`` / ``backward_clock`` with every node on one device), never
+    on the placement being predicted. Every op with a node of that kind in the replayed
+    graph needs a weight; weights of other ops are not used."""
 
     forward_s: float
     backward_s: float = 0.0
@@ -206,8 +217,17 @@ class HostModel:
     multi_forward: float = 1.0
     multi_backward: float = 1.0
     optimizer_s: float = 0.0
+    forward_weights: Mapping[str, float] | None = None
+    backward_weights: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
+        for key in ("forward_weights", "backward_weights"):
+            given = getattr(self, key)
+            if given is None:
+                continue
+            w = np.array(list(given.values()), dtype=float)
+            if len(w) == 0 or not np.all(np.isfinite(w)) or w.min() <= 0:
+                raise ValueError(f"{key} must be a non-empty mapping of finite weights > 0")
         costs = (self.forward_s, self.backward_s, self.copy_s or 0.0, self.optimizer_s)
         if min(costs) < 0 or not all(np.isfinite(costs)):
             raise ValueError(f"host launch costs must be finite and >= 0, got {self}")
@@ -299,6 +319,24 @@ def _forward_launch_order(graph: OpGraph, fwd: list[int], order: Sequence[str] |
     return out
 
 
+def _relative_weights(
+    graph: OpGraph, of: list[bool], weights: Mapping[str, float] | None, what: str
+) -> np.ndarray:
+    """Per node where ``of`` holds, its op's weight over the mean weight of those nodes'
+    ops; 1 elsewhere and everywhere if ``weights`` is None."""
+    out = np.ones(len(graph))
+    if weights is None:
+        return out
+    nodes = [v for v in range(len(graph)) if of[v]]
+    given = {_base_name(k): float(x) for k, x in weights.items()}
+    missing = sorted({_base_name(graph.names[v]) for v in nodes} - set(given))
+    if missing:
+        raise ValueError(f"{what}_weights has no weight for {len(missing)} ops, e.g. {missing[:3]}")
+    w = np.array([given[_base_name(graph.names[v])] for v in nodes])
+    out[nodes] = w / w.mean()
+    return out
+
+
 class _ExecutorReplay:
     """The training step as :class:`~scaledl.placement.executor.PlacedModule`, autograd and
     the optimizer issue it: first the host (when each op and copy is launched), then the
@@ -316,6 +354,9 @@ class _ExecutorReplay:
         self.bwd = [k == "backward" for k in kinds]
         self.opt = [k == "optimizer" for k in kinds]
         self.fwd = [not (b or o) for b, o in zip(self.bwd, self.opt)]
+        #: Relative host cost of each node's launch and backward task (1 without weights).
+        self.fwd_weight = _relative_weights(graph, self.fwd, host.forward_weights, "forward")
+        self.bwd_weight = _relative_weights(graph, self.bwd, host.backward_weights, "backward")
         #: (host time, kind, payload) per launch; kinds: run, fcopy, bcopy, bwait.
         self.launches: list[tuple[float, str, Any]] = []
         self.launch_time = np.zeros(len(graph))
@@ -350,7 +391,7 @@ class _ExecutorReplay:
                         t += self.copy_s
                         self._launch(t, "fcopy", (u, d, sum(sends[u][d].values())))
                         self.copy_rank[(u, d)] = i - 0.5
-            t += self.forward_s
+            t += self.forward_s * self.fwd_weight[v]
             self._launch(t, "run", v)
             if not first_use:
                 for dst in sorted(sends.get(v, {})):
@@ -374,7 +415,7 @@ class _ExecutorReplay:
             if self.bwd[b]:
                 seq = seq_of.get(_base_name(g.names[b]), -1)
                 index[b] = len(tasks)
-                tasks.append(("run", b, int(devs[b]), seq, self.backward_s))
+                tasks.append(("run", b, int(devs[b]), seq, self.backward_s * self.bwd_weight[b]))
                 deps.append([])
         for b in range(len(g)):
             if not self.bwd[b]:
