@@ -269,6 +269,7 @@ def run_configuration(
             extra["host_launches_ms"] = [
                 [name, pm.device_of[name], round(sec * 1e3, 4)] for name, sec in spent
             ]
+            extra["backward_starts_ms"] = backward_starts(pm, step, devices)
             extra["profile"] = profile_phases(lambda: step_phases(pm, opt, inputs), devices)
         return {
             "step_s": times[len(times) // 2],
@@ -347,6 +348,27 @@ def host_clock_step(pm, step: Callable[[], None], devices) -> list[tuple[str, fl
         pm.host_clock = None
     _sync(devices)
     return spent
+
+
+def backward_starts(pm, step: Callable[[], None], devices) -> list[list]:
+    """One more step with the executor's backward clock: ``[name, thread, ms]`` per node whose
+    backward ran, in start order; ``thread`` numbers autograd's threads by first start, ``ms``
+    is host time since the first start. Shows the order autograd's device threads really ran
+    the backward in (which thread issued a gradient copy first), which the replay models."""
+    _sync(devices)
+    pm.backward_clock = []
+    try:
+        step()
+        stamps = sorted(pm.backward_clock, key=lambda x: x[2])
+    finally:
+        pm.backward_clock = None
+    _sync(devices)
+    threads: dict[int, int] = {}
+    t0 = stamps[0][2] if stamps else 0.0
+    return [
+        [name, threads.setdefault(th, len(threads)), round((t - t0) * 1e3, 4)]
+        for name, th, t in stamps
+    ]
 
 
 def slowest_launches(spent: list[tuple[str, float]], k: int = 5) -> list[list]:

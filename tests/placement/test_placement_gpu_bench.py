@@ -221,6 +221,23 @@ def test_configuration_reports_its_slowest_launches(bench) -> None:
     assert [ms for _, ms in slow] == sorted((ms for _, ms in slow), reverse=True)
 
 
+def test_backward_starts_follow_the_graph_backwards(bench) -> None:
+    """Diagnosis: each node's backward start with its autograd thread, in start order; a node
+    starts only after every consumer of its output."""
+    model, inputs, leaves, placement = _configuration(bench)
+    devices = [torch.device("cpu")] * 2
+    pm = bench.PlacedModule(model, placement, devices, leaf_modules=leaves)
+    starts = bench.backward_starts(pm, lambda: pm(*inputs).square().mean().backward(), devices)
+    assert pm.backward_clock is None and starts[0][2] == 0.0
+    assert [ms for *_, ms in starts] == sorted(ms for *_, ms in starts)
+    assert {th for _, th, _ in starts} == set(range(max(th for _, th, _ in starts) + 1))
+    rank = {name: i for i, (name, _, _) in enumerate(starts)}
+    gm = symbolic_trace(model, leaves)
+    pairs = [(n.name, u.name) for n in gm.graph.nodes for u in n.users if n.name in rank]
+    assert pairs and all(rank[u] < rank[n] for n, u in pairs if u in rank)
+    assert set(rank) == {n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
+
+
 def test_allocator_churn_is_per_step_and_device_and_absent_on_cpu(bench, monkeypatch) -> None:
     """Allocator retries and cudaMallocs during the timed steps are reported per step and GPU
     (they stall the host, which the simulator does not model); CPU runs report none."""
