@@ -755,6 +755,22 @@ def host_at(
     return fit_host_model(scaled, now, backward_threads="shared", grad_copies=barrier)
 
 
+def per_op_makespan(graph, gp, cluster, host: HostModel, order, costs: dict) -> float | None:
+    """The replay with ``host``'s costs shared out per op by the one-device host costs
+    (:func:`host_costs_one_device`); None (and a printed reason) where they do not cover the
+    graph or were not measured."""
+    if "forward_ms" not in costs:
+        return None
+    weighted = dataclasses.replace(
+        host, forward_weights=costs["forward_ms"], backward_weights=costs["backward_ms"]
+    )
+    try:
+        return simulate(graph, gp, cluster, host=weighted, order=order).makespan
+    except ValueError as exc:
+        print(f"per-op host costs not used: {exc}")
+        return None
+
+
 def replace_host(host: HostModel, grad_copies: str) -> HostModel:
     return dataclasses.replace(host, grad_copies=grad_copies)
 
@@ -864,7 +880,12 @@ def run_model(
     gm = traced.module
     fx_names = [n.name for n in gm.graph.nodes if n.op != "output"]
     timing = calibrate_host(model, fx_names, devices, inputs, leaves, graph)
-    host_costs = host_costs_one_device(model, fx_names, devices, inputs, leaves)
+    try:
+        host_costs = host_costs_one_device(model, fx_names, devices, inputs, leaves)
+    except Exception as exc:  # a diagnostic: the benchmark goes on without it
+        traceback.clear_frames(exc.__traceback__)
+        release_device_memory(devices)
+        host_costs = {"error": error_text(exc)}
     chain_kind = MODEL_CHAIN[name]
     chain_ref = chain_now(devices, args.quick, chain_kind)
     # Deferred gradient copies (the default) must give autograd's gradients; else fall back.
@@ -949,6 +970,9 @@ def run_model(
         sim_host = simulate(graph, gp, loaded, contention=args.contention, host=replay, order=order)
         terms = replay_terms(graph, gp, (cluster, loaded), hosts, order, meas, used_barrier)
         terms["+ host speed now"] = simulate(graph, gp, loaded, host=drift, order=order).makespan
+        per_op = per_op_makespan(graph, gp, loaded, drift, order, host_costs)
+        if per_op is not None:
+            terms["+ per-op host costs"] = per_op
         fid = {c: _rel_err(s.makespan, meas["step_s"]) for c, s in sims.items()}
         fid_host = _rel_err(sim_host.makespan, meas["step_s"])
         rec.update(
@@ -1143,6 +1167,7 @@ def print_terms(infos: list[dict[str, Any]]) -> None:
         "+ multi-device host",
         "+ copy contention",
         "+ host speed now",
+        "+ per-op host costs",
         "own host rates",
     ]
     rows = []

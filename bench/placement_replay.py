@@ -82,7 +82,7 @@ def one_device_weights(
             if info["model"] != model:
                 continue
             costs = info.get("host_costs_one_device")
-            if costs:
+            if costs and "forward_ms" in costs:
                 return costs["forward_ms"], costs.get("backward_ms"), source
             for rec in info["records"]:
                 if rec["placement"] == ONE_DEVICE and rec.get("host_launches_ms"):

@@ -367,6 +367,11 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
         )
         want = bench.simulate(graph, gp, loaded, host=weighted, order=order).makespan
         assert r["+ per-op host costs"] == pytest.approx(want), r["placement"]
+        # The benchmark's own term is the same replay; unmeasured or partial costs skip it.
+        assert bench.per_op_makespan(graph, gp, loaded, full, order, costs) == pytest.approx(want)
+        assert bench.per_op_makespan(graph, gp, loaded, full, order, {"error": "x"}) is None
+        partial = {"forward_ms": {"x": 1.0}, "backward_ms": costs["backward_ms"]}
+        assert bench.per_op_makespan(graph, gp, loaded, full, order, partial) is None
         assert set(replay.TERMS) <= set(r)
     # An older run without them: the forward weights come from the one-device configuration's
     # host clock (``--diagnose``), there are no backward ones.
@@ -378,6 +383,9 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
     got = replay.one_device_weights([{"models": []}, older], "branches")
     assert got == (dict.fromkeys(fx_names, 0.1), None, "run 1, one-device configuration")
     assert replay.one_device_weights([run], "inception") == (None, None, "none")
+    failed = {"models": [{"model": "branches", "host_costs_one_device": {"error": "x"}}]}
+    failed["models"][0]["records"] = []
+    assert replay.one_device_weights([failed], "branches") == (None, None, "none")
 
 
 def test_failed_calibrations_leave_the_terms_off_not_the_run(bench, monkeypatch) -> None:
