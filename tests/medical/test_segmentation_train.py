@@ -279,3 +279,22 @@ def test_training_calibrates_the_match_gate_on_held_out_clean_images(data):
     assert calibrate_match_gate(net, data, seed=3) != (lo, hi)  # another split, other values
     with pytest.raises(ValueError, match="bank_fraction"):
         calibrate_match_gate(net, data, bank_fraction=1.0)
+
+
+def test_calibration_stores_the_training_atlas_without_changing_the_thresholds(data):
+    kw = {"features": (2, 4, 4, 8, 8), "match_gate": True}
+    net = ShapePriorNet(data.num_classes, match_templates=3, **kw).eval()
+    single = ShapePriorNet(data.num_classes, match_templates=1, **kw).eval()
+    single.load_state_dict(net.state_dict())
+    thresholds = calibrate_match_gate(net, data)
+    assert thresholds == calibrate_match_gate(single, data)  # the atlas has its own generator
+    assert single.match_atlas_labels.shape[0] == 0
+    # every training image (fewer than atlas_size) with its label map, in some order
+    labels = torch.as_tensor(data.labels).to(torch.uint8)
+    assert net.match_atlas_labels.shape == labels.shape
+    stored = sorted(tuple(lab.flatten().tolist()) for lab in net.match_atlas_labels)
+    assert stored == sorted(tuple(lab.flatten().tolist()) for lab in labels)
+    calibrate_match_gate(net, data, atlas_size=4)
+    assert net.match_atlas_labels.shape[0] == 4
+    with pytest.raises(ValueError, match="atlas_size"):
+        calibrate_match_gate(net, data, atlas_size=0)

@@ -19,6 +19,7 @@ from scaledl.medical.shape_prior import (
     evidence_gate,
     fill_low_evidence,
     gaussian_blur,
+    grow_closed_regions,
     match_displacement,
     match_evidence,
     max_attention,
@@ -624,3 +625,98 @@ def test_match_evidence_smoothing_and_relative_shift():
     torch.testing.assert_close(
         const / gaussian_blur(torch.ones(1, 1, 8, 8), 1.0), torch.full((1, 1, 8, 8), 0.7)
     )
+
+
+def test_grow_closed_regions_follows_connected_low_evidence():
+    gate = torch.ones(1, 1, 5, 5)
+    gate[0, 0, 0, 0] = 0.2  # the only closed seed
+    ev = torch.full((1, 1, 5, 5), 0.9)
+    for y, x in ((0, 1), (0, 2), (1, 3), (4, 4)):  # (1, 3) touches (0, 2) diagonally
+        ev[0, 0, y, x] = 0.1
+    grown = grow_closed_regions(gate, ev, 0.5)
+    expected = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    for y, x in ((0, 0), (0, 1), (0, 2), (1, 3)):
+        expected[0, 0, y, x] = True
+    assert torch.equal(grown, expected)  # (4, 4) is low but not connected to a seed
+    assert not grow_closed_regions(torch.ones(1, 1, 5, 5), ev, 0.5).any()  # no seed, no growth
+    with pytest.raises(ValueError, match="same"):
+        grow_closed_regions(gate, ev[..., :4], 0.5)
+
+
+def test_match_gate_hysteresis_thresholds_and_gate():
+    x, t, m = _inputs(b=2)
+    kw = {"features": TINY, "match_gate": True, "match_templates": 1}
+    net = ShapePriorNet(3, match_quantiles=(0.05, 0.1), match_grow_quantiles=(0.2, 0.5), **kw)
+    net.eval()
+    lo, hi = net.calibrate_match_gate(torch.cat([x, t]), torch.cat([t, x]))
+    ev = net.match_evidence(torch.cat([x, t]), torch.cat([t, x])).flatten()
+    glo, ghi = float(net.match_grow_low), float(net.match_grow_high)
+    assert lo < hi < glo < ghi
+    assert abs(float((ev <= ghi).float().mean()) - 0.5) < 0.01
+    assert abs(float((ev <= glo).float().mean()) - 0.2) < 0.01
+    with torch.no_grad():
+        emb, temb = net.prior_matcher(x), net.prior_matcher(t)
+        sim = _pairwise_cosine(emb, temb)
+        e = net._evidence(emb, sim)
+        g, _ = net._match_gate_prior(e, sim, temb.shape[-2:], m, (8, 8), emb)
+        plain = evidence_gate(e, lo, hi)
+        grown = grow_closed_regions(plain, e, ghi)
+        assert (grown & (plain >= 0.5)).any()  # closed regions grew into open positions
+        ramp = evidence_gate(e, glo, ghi)
+        # the seeds keep their value; the positions they grew into ramp to the grow thresholds
+        grew = grown & (plain >= 0.5)
+        torch.testing.assert_close(g, torch.where(grew, torch.minimum(plain, ramp), plain))
+        assert (g[grew] < plain[grew]).any()
+        net.match_grow_quantiles = None  # off: the plain gate
+        g0, _ = net._match_gate_prior(e, sim, temb.shape[-2:], m, (8, 8), emb)
+        torch.testing.assert_close(g0, plain)
+    with pytest.raises(ValueError, match="match_grow_quantiles"):
+        ShapePriorNet(3, match_grow_quantiles=(0.5, 0.2), **kw)
+    with pytest.raises(ValueError, match="match_templates"):
+        ShapePriorNet(3, features=TINY, match_templates=0)
+
+
+def test_match_gate_atlas_picks_the_best_matching_templates(tmp_path):
+    x, t, m = _inputs(b=2)
+    _, _, other = _inputs(b=2, seed=5)
+    kw = {"features": TINY, "match_gate": True, "match_grow_quantiles": None}
+    net = ShapePriorNet(3, match_templates=2, **kw).eval()
+    single = ShapePriorNet(3, match_templates=1, **kw).eval()
+    single.load_state_dict(net.state_dict())
+    # atlas: each image twice (with its masks) among unrelated images with other masks
+    atlas = torch.cat([t, x[:1], x[1:], t, x[:1], x[1:]])
+    masks = torch.cat([other, m[:1], m[1:], other, m[:1], m[1:]])
+    net.calibrate_match_gate(x, t, atlas_images=atlas, atlas_masks=masks)
+    assert net.match_atlas_labels.dtype == torch.uint8
+    assert net.match_atlas_embeddings.shape == (8, net.config["prior_dim"], 8, 8)
+    for n in (net, single):  # close the gate everywhere: the closed-gate prior decides
+        n.match_low.fill_(2.0)
+        n.match_high.fill_(3.0)
+    with torch.no_grad():
+        # every image matches itself best (cosine 1): the mean of its two identical copies is
+        # the single-template prior with the image itself as template; the template given
+        # (t) no longer matters under the closed gate
+        got = net.label_prior_map(net.prior_matcher(x), t, other, (32, 32))
+        ref = single.label_prior_map(single.prior_matcher(x), x, m, (32, 32))
+        torch.testing.assert_close(got, ref)
+        wrong = single.label_prior_map(single.prior_matcher(x), t, other, (32, 32))
+        assert (got - wrong).abs().max() > 0.1
+        # the atlas was built at 32 x 32: another size needs another calibration
+        with pytest.raises(ValueError, match="calibrate the match gate at this size"):
+            net(torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64), torch.zeros(1, 3, 64, 64))
+    net.save_pretrained(tmp_path / "atlas")
+    again = ShapePriorNet.from_pretrained(tmp_path / "atlas").eval()
+    assert torch.equal(again.match_atlas_labels, net.match_atlas_labels)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t, m), net(x, t, m))
+    # weights saved before the atlas and the hysteresis existed load with both empty / off
+    state = {
+        k: v for k, v in net.state_dict().items() if not k.startswith(("match_atlas", "match_grow"))
+    }
+    old = ShapePriorNet(3, match_templates=2, **kw)
+    old.load_state_dict(state)
+    assert old.match_atlas_labels.shape[0] == 0 and float(old.match_grow_high) == -2.0
+    with pytest.raises(ValueError, match="atlas_masks"):
+        net.calibrate_match_gate(x, t, atlas_images=atlas, atlas_masks=masks[:2])
+    with pytest.raises(ValueError, match="atlas_masks"):
+        net.calibrate_match_gate(x, t, atlas_images=atlas, atlas_masks=masks[:, :2])

@@ -174,11 +174,14 @@ def calibrate_match_gate(
     bank_size: int = 16384,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    atlas_size: int = 64,
 ) -> tuple[float, float]:
     """Calibrate the match gate of a trained ``model`` on clean training data: a random
     ``bank_fraction`` of the images fills the memory bank, the others (each paired with a
     random other training image as template, as in training, without augmentation) set the
-    thresholds. Called by :func:`train_segmenter`; returns the (low, high) thresholds."""
+    thresholds; with ``model.match_templates`` > 1, up to ``atlas_size`` of the images (with
+    their masks) become the atlas of the closed-gate prior. Called by :func:`train_segmenter`;
+    returns the (low, high) thresholds."""
     n = len(data)
     if n < 2:
         raise ValueError("calibrating the match gate needs at least 2 training images")
@@ -191,12 +194,25 @@ def calibrate_match_gate(
     tidx = (calib + torch.randint(1, n, (len(calib),), generator=gen)) % n
     images = torch.as_tensor(data.images)
     model.to(device)
+    atlas = {}
+    if atlas_size < 1:
+        raise ValueError(f"atlas_size must be >= 1, got {atlas_size}")
+    if model.match_templates > 1:
+        # the atlas of the closed-gate prior: at most atlas_size training images
+        # (its own generator, so the bank and the thresholds do not depend on the atlas)
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 2))[:atlas_size]
+        masks = F.one_hot(torch.as_tensor(data.labels)[keep].long(), data.num_classes + 1)
+        atlas = {
+            "atlas_images": images[keep].to(device),
+            "atlas_masks": masks[..., 1:].permute(0, 3, 1, 2).float().to(device),
+        }
     return model.calibrate_match_gate(
         images[calib].to(device),
         images[tidx].to(device),
         images[bank].to(device),
         bank_size,
         gen,
+        **atlas,
     )
 
 

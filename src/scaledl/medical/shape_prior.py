@@ -144,6 +144,29 @@ def fill_low_evidence(maps: torch.Tensor, gate: torch.Tensor, sigma: float) -> t
     return gate * maps + (1 - gate) * filled
 
 
+def grow_closed_regions(
+    gate: torch.Tensor, evidence: torch.Tensor, threshold: float | torch.Tensor
+) -> torch.Tensor:
+    """Hysteresis of a gate: the positions (B, 1, h, w) bool that are closed (gate < 0.5) or
+    connected to a closed one (8-neighbourhood) through positions whose evidence is below
+    ``threshold``. A moderately low evidence alone is common on clean anatomy; next to a
+    region that is clearly unfamiliar (an occluder's core) it most likely continues it."""
+    if gate.shape != evidence.shape or gate.ndim != 4:
+        raise ValueError(
+            f"gate {tuple(gate.shape)} and evidence {tuple(evidence.shape)} must be the same "
+            "(B, 1, h, w) shape"
+        )
+    seeds = gate < 0.5
+    allowed = evidence < threshold
+    grown = seeds
+    for _ in range(gate.shape[-2] * gate.shape[-1]):
+        nxt = ((F.max_pool2d(grown.float(), 3, 1, 1) > 0) & allowed) | seeds
+        if torch.equal(nxt, grown):
+            break
+        grown = nxt
+    return grown
+
+
 def match_displacement(
     sim: torch.Tensor, image_hw: Sequence[int], template_hw: Sequence[int], tau: float
 ) -> torch.Tensor:
@@ -409,6 +432,14 @@ class ShapePriorNet(nn.Module):
             fills the match displacement under a closed gate.
         match_tau: soft-argmax temperature of the match displacement (fixed).
         match_blur: Gaussian σ, as a fraction of the image height, of the warped masks.
+        match_grow_quantiles: (low, high) quantiles of the clean evidence for the gate's
+            hysteresis: closed regions grow into connected positions whose evidence is below
+            the high one, where the gate ramps from the low one to the high one
+            (:func:`grow_closed_regions`); None turns it off.
+        match_templates: under a closed gate, average the warped masks of this many atlas
+            templates (the clean training images stored by :meth:`calibrate_match_gate`, those
+            whose embeddings best match the image where the gate is open), each warped by its
+            own match displacement, instead of the given template alone (1).
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -447,6 +478,8 @@ class ShapePriorNet(nn.Module):
         match_fill: float = 0.2,
         match_tau: float = 200.0,
         match_blur: float = 0.03,
+        match_grow_quantiles: Sequence[float] | None = (0.002, 0.02),
+        match_templates: int = 5,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -491,7 +524,16 @@ class ShapePriorNet(nn.Module):
                 f"match_quantiles must be (low, high) with 0 <= low < high <= 1, "
                 f"got {tuple(match_quantiles)}"
             )
+        if match_grow_quantiles is not None and (
+            len(match_grow_quantiles) != 2
+            or not 0 <= match_grow_quantiles[0] < match_grow_quantiles[1] <= 1
+        ):
+            raise ValueError(
+                f"match_grow_quantiles must be None or (low, high) with 0 <= low < high <= 1, "
+                f"got {tuple(match_grow_quantiles)}"
+            )
         for name, value, ok, rule in (
+            ("match_templates", match_templates, match_templates >= 1, ">= 1"),
             ("match_fill", match_fill, match_fill >= 0, ">= 0"),
             ("match_smooth", match_smooth, match_smooth >= 0, ">= 0"),
             ("match_tau", match_tau, match_tau > 0, "positive"),
@@ -531,6 +573,10 @@ class ShapePriorNet(nn.Module):
             "match_fill": match_fill,
             "match_tau": match_tau,
             "match_blur": match_blur,
+            "match_grow_quantiles": (
+                None if match_grow_quantiles is None else list(match_grow_quantiles)
+            ),
+            "match_templates": match_templates,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -581,6 +627,10 @@ class ShapePriorNet(nn.Module):
         self.match_fill = match_fill
         self.match_tau = match_tau
         self.match_blur = match_blur
+        self.match_grow_quantiles = (
+            None if match_grow_quantiles is None else tuple(float(q) for q in match_grow_quantiles)
+        )
+        self.match_templates = int(match_templates)
         if match_gate:
             # thresholds of the match gate, set by calibrate_match_gate on clean training
             # pairs; until then the gate is open everywhere (cosines are >= -1 > -2)
@@ -588,6 +638,13 @@ class ShapePriorNet(nn.Module):
             self.register_buffer("match_high", torch.tensor(-2.0))
             # embeddings of clean training images (M, prior_dim); empty until calibrated
             self.register_buffer("match_bank", torch.zeros(0, prior_dim))
+            # hysteresis thresholds (below any cosine until calibrated: nothing grows)
+            self.register_buffer("match_grow_low", torch.tensor(-3.0))
+            self.register_buffer("match_grow_high", torch.tensor(-2.0))
+            # atlas for the closed-gate prior: embeddings (N, prior_dim, h, w) and label maps
+            # (N, H, W) of clean training images; empty until calibrated
+            self.register_buffer("match_atlas_embeddings", torch.zeros(0, prior_dim, 1, 1))
+            self.register_buffer("match_atlas_labels", torch.zeros(0, 1, 1, dtype=torch.uint8))
         if label_prior:
             self.prior_matcher = PriorMatcher(
                 in_channels, prior_pool, prior_features, prior_dim, blk
@@ -684,7 +741,9 @@ class ShapePriorNet(nn.Module):
             )
             if self.match_gate:
                 ev = self._evidence(image_embedding, sim)
-                g, warped = self._match_gate_prior(ev, sim, temb.shape[-2:], masks, size)
+                g, warped = self._match_gate_prior(
+                    ev, sim, temb.shape[-2:], masks, size, image_embedding
+                )
                 p = g * p + (1 - g) * warped
                 gate = g
             priors.append(p)
@@ -729,10 +788,18 @@ class ShapePriorNet(nn.Module):
         return ev
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the memory bank's size is set by calibration: take the stored one's shape
-        key = prefix + "match_bank"
-        if self.match_gate and key in state_dict:
-            self.match_bank = torch.empty_like(state_dict[key], device=self.match_bank.device)
+        # the memory bank's and the atlas's sizes are set by calibration: take the stored ones
+        if self.match_gate:
+            for name in ("match_bank", "match_atlas_embeddings", "match_atlas_labels"):
+                key = prefix + name
+                if key in state_dict:
+                    old = getattr(self, name)
+                    setattr(self, name, torch.empty_like(state_dict[key], device=old.device))
+                elif name != "match_bank":
+                    # saved before the atlas and the hysteresis existed: keep them empty / off
+                    state_dict[key] = getattr(self, name)
+            for name in ("match_grow_low", "match_grow_high"):
+                state_dict.setdefault(prefix + name, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _match_gate_prior(
@@ -742,20 +809,68 @@ class ShapePriorNet(nn.Module):
         template_hw: Sequence[int],
         masks: torch.Tensor,
         size: Sequence[int],
+        image_embedding: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The match gate g (B, 1, *size) and the prior used where it is closed: the template's
         full-resolution masks warped by the match displacement, with the displacement under
         low-evidence positions interpolated from the trusted ones around them (an occluder's
         own matches are wrong, but the anatomy around it still says where the template's
-        structures lie)."""
+        structures lie); with an atlas, the mean of ``match_templates`` such warps."""
         image_hw = evidence.shape[-2:]
         g = evidence_gate(evidence, self.match_low, self.match_high)
-        disp = match_displacement(sim, image_hw, template_hw, self.match_tau)
-        disp = fill_low_evidence(disp, g, self.match_fill * image_hw[0])
+        if self.match_grow_quantiles is not None:
+            grown = grow_closed_regions(g, evidence, self.match_grow_high)
+            ramp = evidence_gate(evidence, self.match_grow_low, self.match_grow_high)
+            g = torch.where(grown & (g >= 0.5), torch.minimum(g, ramp), g)
         up = dict(size=tuple(size), mode="bilinear", align_corners=False)
-        warped = warp_by_displacement(masks, F.interpolate(disp, **up))
+
+        def warp(s: torch.Tensor, m: torch.Tensor, thw: Sequence[int]) -> torch.Tensor:
+            disp = match_displacement(s, image_hw, thw, self.match_tau)
+            disp = fill_low_evidence(disp, g, self.match_fill * image_hw[0])
+            return warp_by_displacement(m, F.interpolate(disp, **up))
+
+        if self.match_templates > 1 and self.match_atlas_labels.shape[0] > 0:
+            warped = self._atlas_warp(image_embedding, g, size, warp)
+        else:
+            warped = warp(sim, masks, template_hw)
         warped = with_background(gaussian_blur(warped, self.match_blur * size[0]))
         return F.interpolate(g, **up), warped
+
+    def _atlas_warp(self, image_embedding, gate, size, warp) -> torch.Tensor:
+        """Mean of the atlas masks warped by their own match displacements, over the
+        ``match_templates`` atlas entries whose best-match cosine, averaged over the positions
+        where the gate is open, is highest for each image: several subjects' shapes average
+        out where the single template's shape is wrong."""
+        atlas = self.match_atlas_embeddings
+        labels = self.match_atlas_labels
+        if atlas.shape[-2:] != image_embedding.shape[-2:] or labels.shape[-2:] != tuple(size):
+            raise ValueError(
+                f"the match atlas was calibrated on {tuple(labels.shape[-2:])} images, got "
+                f"{tuple(size)}: calibrate the match gate at this size"
+            )
+        b = image_embedding.shape[0]
+        # a small floor: where the gate is closed everywhere, every position votes alike
+        w = gate.flatten(1) + 1e-3
+        w = w / w.sum(1, keepdim=True)
+        # one atlas entry at a time: all at once would need B * N * (hw)^2 similarities
+        scores = torch.stack(
+            [
+                (_pairwise_cosine(image_embedding, a[None].expand(b, -1, -1, -1)).amax(-1) * w).sum(
+                    1
+                )
+                for a in atlas
+            ],
+            1,
+        )
+        top = scores.topk(min(self.match_templates, atlas.shape[0]), dim=1).indices
+        total = 0.0
+        for r in range(top.shape[1]):
+            idx = top[:, r]
+            temb = atlas[idx].to(image_embedding.dtype)
+            masks = F.one_hot(labels[idx].long(), self.num_classes + 1)[..., 1:]
+            masks = masks.permute(0, 3, 1, 2).to(image_embedding.dtype)
+            total = total + warp(_pairwise_cosine(image_embedding, temb), masks, temb.shape[-2:])
+        return total / top.shape[1]
 
     @torch.no_grad()
     def match_evidence(self, image: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
@@ -776,14 +891,19 @@ class ShapePriorNet(nn.Module):
         bank_images: torch.Tensor | None = None,
         bank_size: int = 16384,
         generator: torch.Generator | None = None,
+        atlas_images: torch.Tensor | None = None,
+        atlas_masks: torch.Tensor | None = None,
     ) -> tuple[float, float]:
         """Calibrate the match gate on *clean* data (no corrupted image is needed).
 
         ``bank_images`` (clean training images) fill the memory bank with their embeddings,
         at most ``bank_size`` positions drawn at random; then ``low`` and ``high`` are set to
         the ``match_quantiles`` of the evidence over all positions of the (image, template)
-        pairs, so the gate is open on all but the lowest clean tail. The calibration images
-        should not be in the bank (their own embeddings would match perfectly).
+        pairs, so the gate is open on all but the lowest clean tail (the hysteresis thresholds
+        likewise at ``match_grow_quantiles``). The calibration images should not be in the
+        bank (their own embeddings would match perfectly). ``atlas_images`` (N, C, H, W) and
+        their one-hot foreground ``atlas_masks`` (N, K, H, W), clean training images, become the
+        atlas of the closed-gate prior (``match_templates`` > 1).
 
         images, templates: (N, C, H, W) paired row by row. Returns (low, high).
         """
@@ -808,6 +928,8 @@ class ShapePriorNet(nn.Module):
                 keep = torch.randperm(emb.shape[0], generator=generator)[:bank_size]
                 emb = emb[keep.to(emb.device)]
             self.match_bank = F.normalize(emb.float(), dim=1)
+        if atlas_images is not None:
+            self._set_atlas(atlas_images, atlas_masks)
         ev = torch.cat(
             [
                 self.match_evidence(images[i : i + 32], templates[i : i + 32]).flatten()
@@ -815,11 +937,33 @@ class ShapePriorNet(nn.Module):
             ]
         ).float()
         self.train(was_training)
-        lo, hi = torch.quantile(ev.cpu(), torch.tensor(self.match_quantiles)).tolist()
+        qs = list(self.match_quantiles) + list(self.match_grow_quantiles or ())
+        values = torch.quantile(ev.cpu(), torch.tensor(qs)).tolist()
+        lo, hi = values[:2]
         lo = min(lo, hi - 1e-4)  # a degenerate (constant) distribution still gives a ramp
         self.match_low.fill_(lo)
         self.match_high.fill_(hi)
+        if self.match_grow_quantiles is not None:
+            self.match_grow_low.fill_(min(values[2], values[3] - 1e-4))
+            self.match_grow_high.fill_(values[3])
         return lo, hi
+
+    def _set_atlas(self, images: torch.Tensor, masks: torch.Tensor | None) -> None:
+        """Store the embeddings and label maps of clean training images (the atlas)."""
+        if masks is None or masks.shape[0] != images.shape[0] or masks.ndim != 4:
+            raise ValueError("atlas_images need atlas_masks (N, K, H, W), one per image")
+        if masks.shape[1] != self.num_classes or masks.shape[-2:] != images.shape[-2:]:
+            raise ValueError(
+                f"atlas_masks must be (N, {self.num_classes}, *image size), "
+                f"got {tuple(masks.shape)}"
+            )
+        self.match_atlas_embeddings = torch.cat(
+            [self.prior_matcher(images[i : i + 32]) for i in range(0, images.shape[0], 32)]
+        ).float()
+        # label maps (0 = background) take a 16th of the one-hot masks' space
+        fg = masks.float()
+        labels = (fg.argmax(1) + 1) * (fg.sum(1) > 0.5)
+        self.match_atlas_labels = labels.to(torch.uint8)
 
     def align(
         self, image_embedding: torch.Tensor, template_embedding: torch.Tensor
