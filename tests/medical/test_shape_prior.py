@@ -20,6 +20,7 @@ from scaledl.medical.shape_prior import (
     fill_low_evidence,
     gaussian_blur,
     grow_closed_regions,
+    local_memory_evidence,
     match_displacement,
     match_evidence,
     max_attention,
@@ -720,3 +721,54 @@ def test_match_gate_atlas_picks_the_best_matching_templates(tmp_path):
         net.calibrate_match_gate(x, t, atlas_images=atlas, atlas_masks=masks[:2])
     with pytest.raises(ValueError, match="atlas_masks"):
         net.calibrate_match_gate(x, t, atlas_images=atlas, atlas_masks=masks[:, :2])
+
+
+def test_local_memory_evidence_looks_only_near_the_same_position():
+    g = torch.Generator().manual_seed(4)
+    feat = torch.rand(2, 3, 5, 6, generator=g)  # positive: every cosine > 0 (padding gives 0)
+    bank = torch.rand(4, 3, 5, 6, generator=g)
+    r = 1
+    cos = torch.nn.functional.cosine_similarity
+    brute = torch.full((2, 5, 6), -1.0)
+    for y, x in itertools.product(range(5), range(6)):
+        win = bank[:, :, max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1]
+        c = cos(feat[:, :, y, x][:, None, :, None, None], win[None], dim=2)
+        brute[:, y, x] = c.flatten(1).amax(1)
+    torch.testing.assert_close(local_memory_evidence(feat, bank, r), brute)
+    # a window covering every position: the position-free memory evidence
+    vectors = bank.permute(0, 2, 3, 1).reshape(-1, 3)
+    torch.testing.assert_close(local_memory_evidence(feat, bank, 6), memory_evidence(feat, vectors))
+    # radius 0: the same position only; a bank holding the image itself matches it exactly
+    torch.testing.assert_close(local_memory_evidence(feat, feat, 0), torch.ones(2, 5, 6))
+    with pytest.raises(ValueError, match="bank must be"):
+        local_memory_evidence(feat, bank[:, :, :4], 1)
+    with pytest.raises(ValueError, match="radius"):
+        local_memory_evidence(feat, bank, -1)
+
+
+def test_match_gate_positional_evidence_from_the_bank_maps(tmp_path):
+    x, t, _ = _inputs(b=3)
+    kw = {"features": TINY, "match_gate": True, "match_smooth": 0.0, "match_relative": False}
+    net = ShapePriorNet(3, match_radius=2, **kw).eval()
+    net.calibrate_match_gate(x[:1], t[:1], bank_images=x[1:])
+    assert net.match_bank_maps.shape == (2, net.config["prior_dim"], 8, 8)
+    with torch.no_grad():
+        emb = net.prior_matcher(x)
+        expected = local_memory_evidence(emb, net.match_bank_maps, 2)
+        torch.testing.assert_close(net.match_evidence(x, t), expected)
+        torch.testing.assert_close(net.match_evidence(x[1:], t[1:]), torch.ones(2, 8, 8))
+    net.save_pretrained(tmp_path / "positional")
+    again = ShapePriorNet.from_pretrained(tmp_path / "positional").eval()
+    torch.testing.assert_close(again.match_bank_maps, net.match_bank_maps)
+    torch.testing.assert_close(again.match_evidence(x, t), net.match_evidence(x, t))
+    with pytest.raises(ValueError, match="calibrate the match gate at this size"):
+        net.match_evidence(torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64))
+    # radius 0 keeps the position-free evidence (template and bank vectors)
+    free = ShapePriorNet(3, match_radius=0, **kw).eval()
+    free.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        e_t = _pairwise_cosine(emb, net.prior_matcher(t)).amax(-1).reshape(3, 8, 8)
+        ref = torch.maximum(e_t, memory_evidence(emb, net.match_bank))
+        torch.testing.assert_close(free.match_evidence(x, t), ref)
+    with pytest.raises(ValueError, match="match_radius"):
+        ShapePriorNet(3, match_radius=-1, **kw)

@@ -120,6 +120,30 @@ def memory_evidence(feat: torch.Tensor, bank: torch.Tensor, chunk: int = 8192) -
     return best.reshape(b, h, w)
 
 
+def local_memory_evidence(feat: torch.Tensor, bank: torch.Tensor, radius: int) -> torch.Tensor:
+    """Best cosine of every position x of ``feat`` (B, C, h, w) to the positions within
+    ``radius`` (a (2r + 1)² window around x) of any of the bank's maps (N, C, h, w), (B, h, w).
+
+    Positional novelty: anatomy sits at similar places in every image, so a patch is familiar
+    only if some training image shows something like it *near the same place* (an occluder
+    that looks like body tissue inside a lung is not); positions outside a map count as
+    cosine 0. One bank map at a time, so memory stays O(B·C·(2r + 1)²·h·w)."""
+    if bank.ndim != 4 or bank.shape[1:] != feat.shape[1:]:
+        raise ValueError(
+            f"bank must be (N, {', '.join(map(str, feat.shape[1:]))}), got {tuple(bank.shape)}"
+        )
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    b, c, h, w = feat.shape
+    k = 2 * radius + 1
+    f = F.normalize(feat, dim=1).flatten(2)  # (B, C, hw)
+    best = torch.full((b, h * w), -1.0, device=feat.device, dtype=f.dtype)
+    for m in F.normalize(bank.to(f.dtype), dim=1):
+        win = F.unfold(m[None], k, padding=radius).reshape(c, k * k, h * w)
+        best = torch.maximum(best, torch.einsum("bcx,ckx->bkx", f, win).amax(1))
+    return best.reshape(b, h, w)
+
+
 def evidence_gate(evidence: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Piecewise-linear gate: 0 at or below ``low``, 1 at or above ``high``, linear between."""
     if not high > low:
@@ -436,6 +460,9 @@ class ShapePriorNet(nn.Module):
             hysteresis: closed regions grow into connected positions whose evidence is below
             the high one, where the gate ramps from the low one to the high one
             (:func:`grow_closed_regions`); None turns it off.
+        match_radius: with r > 0 the evidence is the best cosine to the clean training
+            embeddings within r coarse pixels of the same position
+            (:func:`local_memory_evidence`), instead of anywhere in the template and the bank.
         match_templates: under a closed gate, average the warped masks of this many atlas
             templates (the clean training images stored by :meth:`calibrate_match_gate`, those
             whose embeddings best match the image where the gate is open), each warped by its
@@ -478,8 +505,9 @@ class ShapePriorNet(nn.Module):
         match_fill: float = 0.2,
         match_tau: float = 200.0,
         match_blur: float = 0.03,
-        match_grow_quantiles: Sequence[float] | None = (0.002, 0.02),
+        match_grow_quantiles: Sequence[float] | None = (0.001, 0.01),
         match_templates: int = 5,
+        match_radius: int = 4,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -534,6 +562,7 @@ class ShapePriorNet(nn.Module):
             )
         for name, value, ok, rule in (
             ("match_templates", match_templates, match_templates >= 1, ">= 1"),
+            ("match_radius", match_radius, match_radius >= 0, ">= 0"),
             ("match_fill", match_fill, match_fill >= 0, ">= 0"),
             ("match_smooth", match_smooth, match_smooth >= 0, ">= 0"),
             ("match_tau", match_tau, match_tau > 0, "positive"),
@@ -577,6 +606,7 @@ class ShapePriorNet(nn.Module):
                 None if match_grow_quantiles is None else list(match_grow_quantiles)
             ),
             "match_templates": match_templates,
+            "match_radius": match_radius,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -631,6 +661,7 @@ class ShapePriorNet(nn.Module):
             None if match_grow_quantiles is None else tuple(float(q) for q in match_grow_quantiles)
         )
         self.match_templates = int(match_templates)
+        self.match_radius = int(match_radius)
         if match_gate:
             # thresholds of the match gate, set by calibrate_match_gate on clean training
             # pairs; until then the gate is open everywhere (cosines are >= -1 > -2)
@@ -638,6 +669,8 @@ class ShapePriorNet(nn.Module):
             self.register_buffer("match_high", torch.tensor(-2.0))
             # embeddings of clean training images (M, prior_dim); empty until calibrated
             self.register_buffer("match_bank", torch.zeros(0, prior_dim))
+            # the same images' embedding maps (N, prior_dim, h, w), for match_radius > 0
+            self.register_buffer("match_bank_maps", torch.zeros(0, prior_dim, 1, 1))
             # hysteresis thresholds (below any cosine until calibrated: nothing grows)
             self.register_buffer("match_grow_low", torch.tensor(-3.0))
             self.register_buffer("match_grow_high", torch.tensor(-2.0))
@@ -775,9 +808,18 @@ class ShapePriorNet(nn.Module):
         corruption that lowers every match, such as noise, does not close the gate; only
         regions less familiar than the rest of the image do)."""
         b, _, h, w = image_embedding.shape
-        ev = sim.amax(-1).reshape(b, h, w)
-        if self.match_bank.shape[0] > 0:
-            ev = torch.maximum(ev, memory_evidence(image_embedding, self.match_bank))
+        if self.match_radius > 0 and self.match_bank_maps.shape[0] > 0:
+            maps = self.match_bank_maps
+            if maps.shape[-2:] != (h, w):
+                raise ValueError(
+                    f"the match gate's bank was calibrated on {tuple(maps.shape[-2:])} coarse "
+                    f"maps, got {(h, w)}: calibrate the match gate at this size"
+                )
+            ev = local_memory_evidence(image_embedding, maps, self.match_radius)
+        else:
+            ev = sim.amax(-1).reshape(b, h, w)
+            if self.match_bank.shape[0] > 0:
+                ev = torch.maximum(ev, memory_evidence(image_embedding, self.match_bank))
         ev = ev[:, None]
         if self.match_smooth > 0:
             # normalised: zero padding would lower the evidence at the border
@@ -790,7 +832,12 @@ class ShapePriorNet(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the memory bank's and the atlas's sizes are set by calibration: take the stored ones
         if self.match_gate:
-            for name in ("match_bank", "match_atlas_embeddings", "match_atlas_labels"):
+            for name in (
+                "match_bank",
+                "match_bank_maps",
+                "match_atlas_embeddings",
+                "match_atlas_labels",
+            ):
                 key = prefix + name
                 if key in state_dict:
                     old = getattr(self, name)
@@ -897,7 +944,8 @@ class ShapePriorNet(nn.Module):
         """Calibrate the match gate on *clean* data (no corrupted image is needed).
 
         ``bank_images`` (clean training images) fill the memory bank with their embeddings,
-        at most ``bank_size`` positions drawn at random; then ``low`` and ``high`` are set to
+        at most ``bank_size`` positions drawn at random (with ``match_radius`` > 0 also their
+        whole embedding maps, for the positional evidence); then ``low`` and ``high`` are set to
         the ``match_quantiles`` of the evidence over all positions of the (image, template)
         pairs, so the gate is open on all but the lowest clean tail (the hysteresis thresholds
         likewise at ``match_grow_quantiles``). The calibration images should not be in the
@@ -918,12 +966,16 @@ class ShapePriorNet(nn.Module):
         was_training = self.training
         self.eval()
         if bank_images is not None:
-            emb = torch.cat(
+            maps = torch.cat(
                 [
-                    self.prior_matcher(bank_images[i : i + 32]).flatten(2).transpose(1, 2)
+                    self.prior_matcher(bank_images[i : i + 32])
                     for i in range(0, bank_images.shape[0], 32)
                 ]
-            ).reshape(-1, self.match_bank.shape[1])
+            )
+            if self.match_radius > 0:
+                # positional evidence keeps every bank image's whole map
+                self.match_bank_maps = F.normalize(maps.float(), dim=1)
+            emb = maps.flatten(2).transpose(1, 2).reshape(-1, self.match_bank.shape[1])
             if emb.shape[0] > bank_size:
                 keep = torch.randperm(emb.shape[0], generator=generator)[:bank_size]
                 emb = emb[keep.to(emb.device)]
