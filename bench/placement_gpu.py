@@ -1158,18 +1158,22 @@ def chain_timings(calib: dict[str, Any], model: str) -> tuple[HostTiming, HostTi
     return chain["timings"][CHAIN_PAIR[0]], chain["timings"][CHAIN_PAIR[1]]
 
 
+#: The executor replay's terms, in the order they are added (also read by placement_replay.py).
+REPLAY_TERMS = [
+    "one-GPU host",
+    "+ shared backward threads",
+    "+ optimizer host",
+    "+ multi-device host",
+    "+ copy contention",
+    "+ host speed now",
+    "+ per-op host costs",
+    "own host rates",
+]
+
+
 def print_terms(infos: list[dict[str, Any]]) -> None:
     """The replay's step time as each model term is added, next to the measurement."""
-    terms = [
-        "one-GPU host",
-        "+ shared backward threads",
-        "+ optimizer host",
-        "+ multi-device host",
-        "+ copy contention",
-        "+ host speed now",
-        "+ per-op host costs",
-        "own host rates",
-    ]
+    terms = REPLAY_TERMS
     rows = []
     for info in infos:
         for r in info["records"]:

@@ -32,16 +32,7 @@ from common import print_table
 
 from scaledl.placement import GIB, Cluster, CommCost, HostTiming, fit_host_model, trace
 
-TERMS = [
-    "one-GPU host",
-    "+ shared backward threads",
-    "+ optimizer host",
-    "+ multi-device host",
-    "+ copy contention",
-    "+ host speed now",
-    "+ per-op host costs",
-    "own host rates",
-]
+TERMS = bench.REPLAY_TERMS
 #: The configuration whose per-launch host clock is a one-device measurement.
 ONE_DEVICE = "single (uncapped)"
 
