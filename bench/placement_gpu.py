@@ -738,11 +738,12 @@ def host_at(
     ref: tuple[HostTiming, HostTiming],
     now: tuple[HostTiming, HostTiming],
     barrier: str,
+    multi: str = "extra",
 ) -> HostModel:
     """The host model with the host's speed now: the model's one-device costs scaled by the
     calibration chain's one-device per-launch cost now over when the model was calibrated
     (``ref``; the optimizer's host time as the forward's), and the chain's multi-device
-    factors now. The host's speed drifts during a
+    costs now (``multi``: see :func:`fit_host_model`). The host's speed drifts during a
     run (2 H200s: the same placement measured 15.2 and 22.7 ms of forward host time)."""
     (f0, b0), (f1, b1) = ref[0].per_launch, now[0].per_launch
     speed_f = f1 / f0 if f0 > 0 else 1.0
@@ -752,7 +753,7 @@ def host_at(
         backward_s=timing.backward_s * b1 / b0 if b0 > 0 else timing.backward_s,
         optimizer_s=timing.optimizer_s * speed_f,
     )
-    return fit_host_model(scaled, now, backward_threads="shared", grad_copies=barrier)
+    return fit_host_model(scaled, now, multi, backward_threads="shared", grad_copies=barrier)
 
 
 def per_op_makespan(graph, gp, cluster, host: HostModel, order, costs: dict) -> float | None:
@@ -1349,8 +1350,8 @@ def main() -> None:
             f"(profiling {info['profile_s']:.1f} s); host launch per op: forward "
             f"{info['host_model']['forward_s'] * 1e6:.1f} us, "
             f"backward {info['host_model']['backward_s'] * 1e6:.1f} us "
-            f"(x {info['host_model']['multi_forward']:.2f} / "
-            f"{info['host_model']['multi_backward']:.2f} on two devices)"
+            f"(+ {info['host_model']['extra_forward_s'] * 1e6:.1f} / "
+            f"{info['host_model']['extra_backward_s'] * 1e6:.1f} us on two devices)"
         )
     print_table(
         "Training step on 2 devices under a memory cap (measured vs simulated)",

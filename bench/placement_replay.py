@@ -110,13 +110,17 @@ def replay_model(
     timing = model_timing(info)
     pair = chain_pair(run, name)
     options: dict[str, Any] = {"backward_threads": "shared"}
+    # The second device's host cost: added per launch (the benchmark's model) or, as before
+    # 'extra' was measured to fit better, a factor; an explicit factor implies 'factor'.
+    multi = getattr(args, "multi_device", "extra")
     for key in ("multi_forward", "multi_backward"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
+            multi = "factor"
     slowdown = run.get("copy_slowdown", 0.0) if args.copy_slowdown is None else args.copy_slowdown
     hosts = {
         "one-gpu": fit_host_model(timing),
-        "full": fit_host_model(timing, pair, **options),
+        "full": fit_host_model(timing, pair, multi, **options),
     }
     loaded = dataclasses.replace(cluster, copy_slowdown=slowdown)
     out = []
@@ -131,7 +135,8 @@ def replay_model(
         chain = rec.get("host_chain_us") or {}
         if chain.get("reference") and chain.get("now"):  # the host re-timed before it ran
             ref, now = (tuple(per_launch_timing(x) for x in chain[k]) for k in ("reference", "now"))
-            drift = dataclasses.replace(bench.host_at(timing, ref, now, barrier), **options)
+            drift = bench.host_at(timing, ref, now, barrier, multi)
+            drift = dataclasses.replace(drift, **options)
             terms["+ host speed now"] = bench.simulate(
                 graph, gp, loaded, host=drift, order=order
             ).makespan
@@ -155,6 +160,12 @@ def main() -> None:
     ap.add_argument("--multi-forward", type=float, default=None, help="override the factor")
     ap.add_argument("--multi-backward", type=float, default=None, help="override the factor")
     ap.add_argument("--copy-slowdown", type=float, default=None, help="override copy_slowdown")
+    ap.add_argument(
+        "--multi-device",
+        choices=("extra", "factor"),
+        default="extra",
+        help="the second device's host cost: added per launch (default) or the earlier factor",
+    )
     ap.add_argument(
         "--host-weights",
         nargs="*",

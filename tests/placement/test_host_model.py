@@ -235,6 +235,36 @@ def test_multi_device_factors_scale_host_costs_of_split_placements_only() -> Non
         HostModel(0.0, multi_forward=0.0)
 
 
+def test_multi_device_extra_cost_is_added_per_launch_after_the_op_weights() -> None:
+    """The second device's fixed cost per launch: added to every launch, copy, backward task,
+    gradient copy and wait of a split placement, not scaled by the op's weight."""
+    g, place = _tiny()
+    w = {"a": 2.0, "b": 1.0, "c": 3.0}  # mean 2: a x1, b x0.5, c x1.5
+    host = HostModel(
+        3 * MS,
+        0.3 * MS,
+        0.2 * MS,
+        extra_forward_s=1 * MS,
+        extra_backward_s=0.5 * MS,
+        forward_weights=w,
+        backward_weights=w,
+    )
+    t = dict(zip(g.names, host_launch_times(g, place, host) / MS))
+    # Forward: a 3 + 1 = 4; its copy 0.2 + 1 -> 5.2; b 1.5 + 1 -> 7.7; c 4.5 + 1 -> 13.2.
+    # Backward, one thread per device: c (0.45 + 0.5) at 14.15 on device 0, b (0.15 + 0.5)
+    # at 13.85 on device 1, then b's gradient copy (0.2 + 0.5) 13.85-14.55 on device 1,
+    # device 0's wait 14.55-15.25, bwd:a (0.3 + 0.5) 15.25-16.05.
+    expect = {"fwd:a": 4, "fwd:b": 7.7, "fwd:c": 13.2, "bwd:c": 14.15, "bwd:b": 13.85}
+    expect |= {"bwd:a": 16.05}
+    for k, v in expect.items():
+        assert t[k] == pytest.approx(v), k
+    # On one device nothing is added (weights only): a 3, b 4.5, c 9.
+    one = dict(zip(g.names, host_launch_times(g, dict.fromkeys(g.names, 0), host) / MS))
+    assert [one[k] for k in ("fwd:a", "fwd:b", "fwd:c")] == pytest.approx([3, 4.5, 9])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        HostModel(0.0, extra_backward_s=-1.0)
+
+
 def _contention_graph() -> tuple[OpGraph, dict[str, int], Cluster]:
     """w (device 1, 3 ms) runs alone; x (device 0, 1 ms) feeds z (device 1) and c (device 0);
     each copy moves its 4 bytes in 1 ms."""
@@ -286,10 +316,25 @@ def test_fit_host_model_from_one_device_and_calibration_timings() -> None:
     two = HostTiming(3 * MS, 20, 5 * MS, 25)  # 150 / 200 us
     h = fit_host_model(model, (one, two), backward_threads="shared")
     assert h.forward_s == pytest.approx(0.2 * MS) and h.backward_s == pytest.approx(0.15 * MS)
-    assert h.multi_forward == pytest.approx(1.5) and h.multi_backward == pytest.approx(2.0)
+    # The second device adds 50 us per launch and 100 us per backward task; a copy launches
+    # like one calibration launch (100 us); no factors.
+    assert h.extra_forward_s == pytest.approx(0.05 * MS)
+    assert h.extra_backward_s == pytest.approx(0.1 * MS)
+    assert h.copy_s == pytest.approx(0.1 * MS)
+    assert (h.multi_forward, h.multi_backward) == (1.0, 1.0)
     assert h.backward_threads == "shared"
+    # The earlier model: the ratios as factors.
+    f = fit_host_model(model, (one, two), multi="factor")
+    assert f.multi_forward == pytest.approx(1.5) and f.multi_backward == pytest.approx(2.0)
+    assert (f.extra_forward_s, f.extra_backward_s, f.copy_s) == (0.0, 0.0, None)
+    # A calibration that ran faster on two devices adds nothing (floored at 0).
+    fast = fit_host_model(model, (two, one))
+    assert (fast.extra_forward_s, fast.extra_backward_s) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="multi must be"):
+        fit_host_model(model, (one, two), multi="both")
     plain = fit_host_model(model)
     assert (plain.multi_forward, plain.multi_backward) == (1.0, 1.0)
+    assert (plain.extra_forward_s, plain.extra_backward_s) == (0.0, 0.0)
     assert plain.optimizer_s == 0.0
     assert fit_host_model(replace(model, optimizer_s=2 * MS)).optimizer_s == 2 * MS
     with pytest.raises(ValueError, match=">= 1 launch"):

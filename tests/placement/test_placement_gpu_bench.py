@@ -290,11 +290,19 @@ def test_host_speed_now_scales_the_model_costs_by_the_chain(bench) -> None:
     now = (bench.HostTiming(2 * ms, 10, 3 * ms, 20), bench.HostTiming(3 * ms, 10, 3 * ms, 10))
     h = bench.host_at(timing, ref, now, "deferred")
     # The chain's one-device launch now costs 2x (forward) and 1.5x (backward) of the
-    # reference: the model's costs follow; the factors are the chain's now (1.5, 2).
+    # reference: the model's costs follow; the second device adds what it adds to the chain
+    # now (300 - 200 us per launch, 300 - 150 us per task); a copy costs a chain launch now.
     assert h.forward_s == pytest.approx(0.4 * ms) and h.backward_s == pytest.approx(0.225 * ms)
-    assert (h.multi_forward, h.multi_backward) == (pytest.approx(1.5), pytest.approx(2.0))
+    assert h.extra_forward_s == pytest.approx(0.1 * ms)
+    assert h.extra_backward_s == pytest.approx(0.15 * ms)
+    assert h.copy_s == pytest.approx(0.2 * ms)
+    assert (h.multi_forward, h.multi_backward) == (1.0, 1.0)
     assert h.backward_threads == "shared" and h.grad_copies == "deferred"
     assert h.optimizer_s == pytest.approx(2 * ms)
+    # The earlier model: the chain's ratios now (1.5, 2) as factors.
+    f = bench.host_at(timing, ref, now, "deferred", "factor")
+    assert (f.multi_forward, f.multi_backward) == (pytest.approx(1.5), pytest.approx(2.0))
+    assert f.forward_s == pytest.approx(0.4 * ms) and f.extra_forward_s == 0.0
 
 
 def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:

@@ -187,11 +187,16 @@ class HostModel:
     ``backward()`` wall time of split placements is what one-device per-task costs give when
     serialised, not in parallel.
 
-    ``multi_forward`` / ``multi_backward``: factors on the forward (and forward copy) and the
-    backward launch costs when the placement uses two or more devices. The per-launch host
-    cost measured on one GPU grows when a step launches on two (2 H200s: 1.1-2x in the
-    forward, for every op, not only at device switches); calibrate them from a two-device
-    measurement that is not the placement being predicted (:func:`fit_host_model`).
+    ``extra_forward_s`` / ``extra_backward_s``: host seconds *added* to every forward launch
+    (and forward copy) and every backward task (and gradient copy and wait) when the
+    placement uses two or more devices. The per-launch host cost measured on one GPU grows
+    when a step launches on two, for every op, not only at device switches; the growth is a
+    fixed cost per launch (the second device's runtime path), not a share of the op's own
+    host work: a calibration chain of one-kernel launches gains 31 us per launch on 2 H200s,
+    a Transformer layer of ~30 kernels (557 us per launch) about as much. Calibrate them from
+    a two-device measurement that is not the placement being predicted
+    (:func:`fit_host_model`). ``multi_forward`` / ``multi_backward``: the earlier model,
+    factors on those costs (it over-predicts models whose launches are costly).
 
     ``optimizer_s``: host seconds of ``optimizer.step()``; the optimizer nodes are launched
     evenly over it (in graph order) once ``backward()`` has returned. Where the step is
@@ -217,6 +222,8 @@ class HostModel:
     multi_forward: float = 1.0
     multi_backward: float = 1.0
     optimizer_s: float = 0.0
+    extra_forward_s: float = 0.0
+    extra_backward_s: float = 0.0
     forward_weights: Mapping[str, float] | None = None
     backward_weights: Mapping[str, float] | None = None
 
@@ -229,6 +236,7 @@ class HostModel:
             if len(w) == 0 or not np.all(np.isfinite(w)) or w.min() <= 0:
                 raise ValueError(f"{key} must be a non-empty mapping of finite weights > 0")
         costs = (self.forward_s, self.backward_s, self.copy_s or 0.0, self.optimizer_s)
+        costs += (self.extra_forward_s, self.extra_backward_s)
         if min(costs) < 0 or not all(np.isfinite(costs)):
             raise ValueError(f"host launch costs must be finite and >= 0, got {self}")
         factors = (self.multi_forward, self.multi_backward)
@@ -275,21 +283,32 @@ class HostTiming:
 def fit_host_model(
     one_device: HostTiming,
     calibration: tuple[HostTiming, HostTiming] | None = None,
+    multi: str = "extra",
     **options: Any,
 ) -> HostModel:
     """A :class:`HostModel` from measurements that do not run the placement it predicts.
 
     ``one_device``: the model itself on one device: ``forward_s`` and ``backward_s`` are its
     per-launch host costs, ``optimizer_s`` its optimizer step's host time. ``calibration``:
-    one calibration model timed on one device and split across two; the ratios of their
-    per-launch costs are the multi-device factors (forward, backward). ``options`` go to
-    :class:`HostModel` (``backward_threads=``...)."""
+    one calibration model timed on one device and split across two. ``multi="extra"``: the
+    differences of their per-launch costs (floored at 0) are the host seconds a second
+    device adds per forward launch and backward task, and a copy's launch costs what a
+    launch of the calibration model costs on one device (a copy is one small launch, however
+    costly the model's own ops are); ``multi="factor"``: the ratios are factors on the
+    model's costs (the earlier model). ``options`` go to :class:`HostModel`
+    (``backward_threads=``...)."""
     forward_s, backward_s = one_device.per_launch
+    if multi not in ("extra", "factor"):
+        raise ValueError(f"multi must be 'extra' or 'factor', got {multi!r}")
     if calibration is not None:
         (f1, b1), (f2, b2) = calibration[0].per_launch, calibration[1].per_launch
         if min(f1, b1) <= 0:
             raise ValueError("the one-device calibration timing must have host time > 0")
-        options = {"multi_forward": f2 / f1, "multi_backward": b2 / b1, **options}
+        if multi == "factor":
+            options = {"multi_forward": f2 / f1, "multi_backward": b2 / b1, **options}
+        else:
+            extra = {"extra_forward_s": max(f2 - f1, 0.0), "extra_backward_s": max(b2 - b1, 0.0)}
+            options = {**extra, "copy_s": f1, **options}
     options = {"optimizer_s": one_device.optimizer_s, **options}
     return HostModel(forward_s, backward_s, **options)
 
@@ -347,9 +366,13 @@ class _ExecutorReplay:
         copy_s = host.forward_s if host.copy_s is None else host.copy_s
         multi = len(set(devs.tolist())) > 1
         f, b = (host.multi_forward, host.multi_backward) if multi else (1.0, 1.0)
-        #: Host seconds per forward launch, forward copy, backward task and gradient task.
-        self.forward_s, self.copy_s = host.forward_s * f, copy_s * f
-        self.backward_s, self.grad_s = host.backward_s * b, copy_s * b
+        ef, eb = (host.extra_forward_s, host.extra_backward_s) if multi else (0.0, 0.0)
+        #: Host seconds per forward launch (before its weight), forward copy, backward task
+        #: (before its weight) and gradient task; the second device's fixed cost per launch
+        #: (``extra_*``) is added after weighting.
+        self.forward_s, self.copy_s = host.forward_s * f, copy_s * f + ef
+        self.backward_s, self.grad_s = host.backward_s * b, copy_s * b + eb
+        self.extra_f, self.extra_b = ef, eb
         kinds = graph.kind
         self.bwd = [k == "backward" for k in kinds]
         self.opt = [k == "optimizer" for k in kinds]
@@ -391,7 +414,7 @@ class _ExecutorReplay:
                         t += self.copy_s
                         self._launch(t, "fcopy", (u, d, sum(sends[u][d].values())))
                         self.copy_rank[(u, d)] = i - 0.5
-            t += self.forward_s * self.fwd_weight[v]
+            t += self.forward_s * self.fwd_weight[v] + self.extra_f
             self._launch(t, "run", v)
             if not first_use:
                 for dst in sorted(sends.get(v, {})):
@@ -415,7 +438,8 @@ class _ExecutorReplay:
             if self.bwd[b]:
                 seq = seq_of.get(_base_name(g.names[b]), -1)
                 index[b] = len(tasks)
-                tasks.append(("run", b, int(devs[b]), seq, self.backward_s * self.bwd_weight[b]))
+                cost = self.backward_s * self.bwd_weight[b] + self.extra_b
+                tasks.append(("run", b, int(devs[b]), seq, cost))
                 deps.append([])
         for b in range(len(g)):
             if not self.bwd[b]:
