@@ -292,11 +292,25 @@ class TopKCompressor(_BatchedCompressor):
     runs in parallel, instead of one large selection. The payload layout is the same (k is
     the number of chunks times the per-chunk count); indices that fall into the padding
     carry 0 and point at the last element (decoding adds, so they change nothing).
+
+    ``selection`` picks how the global top-k is found: ``"exact"`` is one ``torch.topk``;
+    ``"sampled"`` estimates the threshold from a random sample and runs ``torch.topk`` on the
+    few candidates above it (:mod:`scaledl.comm.topk_sampled`, one Triton pass over the row;
+    the same set as ``torch.topk`` except with probability about 1e-9 per call, counted by
+    :attr:`inexact_selections`). It applies to large rows on CUDA (elsewhere the selection
+    is exact); ``"auto"`` (default) is ``"sampled"`` where Triton is installed. ``seed``
+    seeds the sampling (each rank samples on its own; the indices are sent).
     """
 
     name = "topk"
 
-    def __init__(self, ratio: float | int = 0.01, chunk: int | None = None) -> None:
+    def __init__(
+        self,
+        ratio: float | int = 0.01,
+        chunk: int | None = None,
+        selection: str = "auto",
+        seed: int = 0,
+    ) -> None:
         self.keep = _check_count_spec(ratio, "top-k ratio")
         if chunk is not None:
             if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -304,6 +318,22 @@ class TopKCompressor(_BatchedCompressor):
             if self.keep >= 1:
                 raise ValueError("chunked top-k needs a fractional ratio (below 1)")
         self.chunk = chunk
+        if selection not in ("auto", "exact", "sampled"):
+            raise ValueError(
+                f"top-k selection must be 'auto', 'exact' or 'sampled', got {selection!r}"
+            )
+        from scaledl.comm import topk_sampled
+
+        if selection == "sampled" and topk_sampled.triton is None:
+            raise ValueError("top-k selection='sampled' needs triton (pip install triton)")
+        if selection == "auto":
+            selection = "exact" if topk_sampled.triton is None or chunk else "sampled"
+        if selection == "sampled" and chunk is not None:
+            raise ValueError("top-k selection='sampled' and chunk are exclusive")
+        self.selection = selection
+        self.seed = int(seed)
+        self._gens: dict[torch.device, torch.Generator] = {}
+        self._inexact: dict[torch.device, torch.Tensor] = {}
 
     def _chunks(self, numel: int) -> tuple[int, int, int]:
         """(chunk length, number of chunks, kept per chunk) of the chunked variant."""
@@ -328,8 +358,11 @@ class TopKCompressor(_BatchedCompressor):
             idx, vals = self._chunked_topk(x)
         else:
             k = self.k(x.shape[1])
-            idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices  # one topk for all rows
-            vals = x.gather(1, idx)
+            picked = self._sampled(x, k) if self.selection == "sampled" else None
+            if picked is None:
+                idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices  # all rows at once
+                picked = idx, x.gather(1, idx)
+            idx, vals = picked
         return torch.cat([idx.to(torch.int32).view(torch.uint8), vals.view(torch.uint8)], dim=1)
 
     def _chunked_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,10 +377,32 @@ class TopKCompressor(_BatchedCompressor):
         # padding positions (value 0) point at the last element: decoding adds them
         return (local + offsets).clamp_(max=d - 1).view(rows, -1), vals
 
+    def _sampled(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        from scaledl.comm import topk_sampled
+
+        dev = x.device
+        if not topk_sampled.available(dev) or topk_sampled.plan(x.shape[1], k) is None:
+            return None
+        if dev not in self._gens:
+            self._gens[dev] = torch.Generator(device=dev).manual_seed(self.seed)
+            self._inexact[dev] = torch.zeros((), dtype=torch.int64, device=dev)
+        return topk_sampled.select(x.contiguous(), k, self._gens[dev], self._inexact[dev])
+
+    @property
+    def inexact_selections(self) -> int:
+        """Sampled selections that were not the exact top-k (expected 0; reading syncs)."""
+        return sum(int(t.item()) for t in self._inexact.values())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_gens"], state["_inexact"] = {}, {}  # per-device, re-created on use
+        return state
+
     @property
     def decode_adds(self) -> bool:
-        """Whether payload values at repeated indices are summed on decode (chunked)."""
-        return self.chunk is not None
+        """Whether payload values at repeated indices are summed on decode (chunked, or
+        sampled: its padding entries are (0, 0.0))."""
+        return self.chunk is not None or self.selection == "sampled"
 
     def decompress_batch(
         self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
@@ -370,7 +425,7 @@ class TopKCompressor(_BatchedCompressor):
 
     def __repr__(self) -> str:
         extra = "" if self.chunk is None else f", chunk={self.chunk}"
-        return f"TopKCompressor(ratio={self.keep!r}{extra})"
+        return f"TopKCompressor(ratio={self.keep!r}{extra}, selection={self.selection!r})"
 
 
 # ------------------------------------------------------------------------------ random-k
