@@ -208,11 +208,14 @@ def run_configuration(
     order=None,
     grad_copies: str = "deferred",
     diagnose: bool = False,
+    clocks: bool = True,
 ) -> dict[str, Any]:
     """Median training-step seconds of a placed model (Adam, MSE to zero) and peak memory,
     the host time of each phase, and on GPUs when each device finishes each phase (CUDA
-    events on its stream); ``diagnose``: also one profiled step (:func:`profile_phases`) and
-    every launch's host time.
+    events on its stream); ``clocks``: also one step with the executor's host clock (each
+    launch's host time) and one with its backward clock (when each backward started, on
+    which autograd thread); ``diagnose``: also one profiled step (:func:`profile_phases`)
+    and every launch's host time.
 
     Every object that holds device memory (the placed copy, its optimizer state, activations,
     and on failure the traceback's frames) lives only in this frame, so it is all freed when
@@ -261,15 +264,18 @@ def run_configuration(
             marks.append(ev)
         times.sort()
         churn = allocator_churn(stats0, allocator_counters(devices), steps)
-        spent = host_clock_step(pm, step, devices)
-        slowest = slowest_launches(spent)
         peak = [torch.cuda.max_memory_allocated(d) / GIB for d in cuda]
         extra: dict[str, Any] = {}
+        if clocks or diagnose:
+            spent = host_clock_step(pm, step, devices)
+            extra["host_launch_by_device"] = launch_stats(spent, pm.device_of)
+            extra["slowest_launches_ms"] = slowest_launches(spent)
+            # Which autograd thread ran which backward first: the replay's task order.
+            extra["backward_starts_ms"] = backward_starts(pm, step, devices)
         if diagnose:
             extra["host_launches_ms"] = [
                 [name, pm.device_of[name], round(sec * 1e3, 4)] for name, sec in spent
             ]
-            extra["backward_starts_ms"] = backward_starts(pm, step, devices)
             extra["profile"] = profile_phases(lambda: step_phases(pm, opt, inputs), devices)
         return {
             "step_s": times[len(times) // 2],
@@ -284,7 +290,6 @@ def run_configuration(
             # (from the step's start, after a synchronisation): set against the simulated
             # per-device phase ends (``simulated_phases``).
             "device_phase_end_ms": phase_ends_ms(marks),
-            "host_launch_by_device": launch_stats(spent, pm.device_of),
             "launches_per_forward": len(pm.launch_sequence()),
             "copies_per_forward": pm.copies,
             "copy_mib_per_forward": pm.copy_bytes / 2**20,
@@ -292,7 +297,6 @@ def run_configuration(
                 torch.cuda.max_memory_reserved(d) / GIB for d in cuda_devices(devices)
             ],
             **churn,
-            "slowest_launches_ms": slowest,
             **extra,
             "error": None,
         }
@@ -317,6 +321,7 @@ def measure_step(
     cap_bytes: list[int] | None = None,
     grad_copies: str = "deferred",
     diagnose: bool = False,
+    clocks: bool = True,
 ) -> dict[str, Any]:
     """:func:`run_configuration` in a clean scope: memory released before and after, the cap
     (``cap_bytes[i]`` for physical CUDA device i, on top of what is already allocated there)
@@ -325,7 +330,17 @@ def measure_step(
     limits = set_caps(devices, cap_bytes, before)
     try:
         meas = run_configuration(
-            model, placement, devices, inputs, steps, warmup, leaves, order, grad_copies, diagnose
+            model,
+            placement,
+            devices,
+            inputs,
+            steps,
+            warmup,
+            leaves,
+            order,
+            grad_copies,
+            diagnose,
+            clocks,
         )
     finally:
         set_caps(devices, None)
@@ -618,7 +633,9 @@ def calibrate_host(model, fx_names, devices, inputs, leaves, graph, steps=10) ->
     the median host wall time of an unsynchronised forward (+ loss) and backward() with every
     node on one device, over the forward launches and the backward nodes. On CPU the ops run
     synchronously, so this is the compute itself (quick mode only checks the path)."""
-    meas = measure_step(model, dict.fromkeys(fx_names, 0), devices, inputs, steps, 3, leaves)
+    meas = measure_step(
+        model, dict.fromkeys(fx_names, 0), devices, inputs, steps, 3, leaves, clocks=False
+    )
     if meas["step_s"] is None:
         raise RuntimeError(f"host calibration failed: {meas['error']}")
     return host_timing(meas, backward_nodes(graph))
@@ -708,7 +725,7 @@ def calibrate_multi_device(
     for label in layouts:
         rule = CHAIN_LAYOUTS[label]
         fx = {name: rule(i, len(names)) for i, name in enumerate(names)}
-        meas = measure_step(model, fx, devices, inputs, steps, 3, leaves)
+        meas = measure_step(model, fx, devices, inputs, steps, 3, leaves, clocks=False)
         if meas["step_s"] is None:
             raise RuntimeError(f"multi-device host calibration ({label}) failed: {meas['error']}")
         timing = host_timing(meas, backward_nodes(graph))
@@ -717,11 +734,15 @@ def calibrate_multi_device(
     return out
 
 
-def chain_now(devices, quick: bool, kind: str) -> tuple[HostTiming, HostTiming] | None:
-    """The calibration chain's host timing now, on one device and alternating (20 steps);
-    None if it failed (the replay then keeps the run's calibration)."""
+def chain_now(
+    devices, quick: bool, kind: str, steps: int | None = None
+) -> tuple[HostTiming, HostTiming] | None:
+    """The calibration chain's host timing now, on one device and alternating (``steps``
+    steps each, default 2 quick / 20); None if it failed (the replay then keeps the run's
+    calibration)."""
     try:
-        cal = calibrate_multi_device(devices, 2 if quick else 20, quick, kind, CHAIN_PAIR)
+        steps = steps or (2 if quick else 20)
+        cal = calibrate_multi_device(devices, steps, quick, kind, CHAIN_PAIR)
     except Exception as exc:
         traceback.clear_frames(exc.__traceback__)
         print(f"calibration chain failed: {error_text(exc)}")
@@ -754,6 +775,49 @@ def host_at(
         optimizer_s=timing.optimizer_s * speed_f,
     )
     return fit_host_model(scaled, now, multi, backward_threads="shared", grad_copies=barrier)
+
+
+#: A configuration's figures that vary with the host: per round, and their medians.
+ROUND_FIELDS = ("step_s", "spread_s", "host_forward_s", "host_backward_s", "host_optimizer_s")
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One configuration measured in several interleaved rounds: the last successful round's
+    record (the last round also holds the host and backward clocks) with :data:`ROUND_FIELDS`
+    and the device phase ends replaced by their medians over the successful rounds, and
+    ``spread_rounds_s`` (half the range of the rounds' step times); plus each round's
+    :data:`ROUND_FIELDS` (and error). A configuration whose every round failed keeps the
+    last failure."""
+    ok = [m for m in rounds if m.get("step_s") is not None]
+    per = [{k: m.get(k) for k in ROUND_FIELDS} | {"error": m.get("error")} for m in rounds]
+    if not ok:
+        return (dict(rounds[-1]) if rounds else {"step_s": None, "error": "not measured"}), per
+    out = dict(ok[-1])
+    for k in ROUND_FIELDS:
+        out[k] = _median([m[k] for m in ok])
+    steps = [m["step_s"] for m in ok]
+    out["spread_rounds_s"] = (max(steps) - min(steps)) / 2
+    ends = ok[-1].get("device_phase_end_ms") or {}
+    out["device_phase_end_ms"] = {
+        phase: [_median([m["device_phase_end_ms"][phase][d] for m in ok]) for d in range(len(v))]
+        for phase, v in ends.items()
+    }
+    return out, per
+
+
+def chain_record(
+    ref: tuple[HostTiming, HostTiming] | None, nows: list[tuple[HostTiming, HostTiming] | None]
+) -> dict[str, Any]:
+    """``host_chain_us``: the chain's host us per forward launch and backward task (one
+    device, alternating) when the model was calibrated (``reference``), before each round
+    (``rounds``) and their median (``now``)."""
+
+    def us(t):
+        return [[x * 1e6 for x in h.per_launch] for h in t] if t else None
+
+    got = [us(n) for n in nows if n]
+    med = [[_median([g[i][j] for g in got]) for j in range(2)] for i in range(2)] if got else None
+    return {"reference": us(ref), "now": med, "rounds": [us(n) for n in nows]}
 
 
 def per_op_makespan(graph, gp, cluster, host: HostModel, order, costs: dict) -> float | None:
@@ -911,11 +975,12 @@ def run_model(
         candidates = {k: v for k, v in candidates.items() if k in args.placements}
     diagnose = name in (args.diagnose or [])
     rows, records = [], []
+    # Every configuration's fixed part: its simulations, launch order and runtime caps.
+    prepared: list[dict[str, Any]] = []
     for label, cand in candidates.items():
         rec: dict[str, Any] = {"model": name, "placement": label}
         if "error" in cand:
             rec["error"] = cand["error"]
-            rows.append([name, label, "-", "-", "-", "-", "-", "-", "-", cand["error"][:40]])
             records.append(rec)
             continue
         gp = graph_placement(graph, cand["fx"])
@@ -924,6 +989,59 @@ def run_model(
         # queue ops on a device's stream, and rank them for autograd's backward, unlike the
         # simulation).
         order = cand.get("order") or sims[args.contention].launch_order()
+        headroom = int(args.headroom_gib * GIB)
+        caps = (
+            None
+            if cand.get("uncapped")
+            else runtime_caps(traced.specs, cand["fx"], cand.get("cap", cap), headroom, 2, output)
+        )
+        prepared.append(
+            {"rec": rec, "cand": cand, "gp": gp, "sims": sims, "order": order, "caps": caps}
+        )
+        records.append(rec)
+    # Interleaved rounds: every configuration is measured once per round (each round starting
+    # one configuration later), so a drift of the host's speed over the run reaches all of
+    # them alike; the chain is re-timed right before each measurement.
+    for r in range(args.rounds):
+        k = r % max(len(prepared), 1)
+        for p in prepared[k:] + prepared[:k]:
+            if p.get("failed"):
+                continue
+            cand = p["cand"]
+            # The host's speed right before this measurement (the chain, not this placement).
+            now = chain_now(devices, args.quick, chain_kind, args.chain_steps)
+            last = r == args.rounds - 1
+            used = p.get("grad_copies", grad_copies)
+            for mode in dict.fromkeys([used, "autograd"]):
+                used = mode
+                meas = measure_step(
+                    model,
+                    cand["fx"],
+                    devices,
+                    inputs,
+                    args.steps,
+                    args.warmup,
+                    leaves,
+                    p["order"],
+                    cap_bytes=p["caps"],
+                    grad_copies=mode,
+                    diagnose=diagnose and last,
+                    clocks=last,
+                )
+                # An error other than running out of memory under deferred gradient copies:
+                # retry with autograd's copies (and replay those) rather than lose it.
+                if meas["step_s"] is not None or meas.get("error_kind") == "OOM":
+                    break
+            p["grad_copies"] = used
+            p.setdefault("rounds", []).append((meas, now))
+            if meas["step_s"] is None and len(p["rounds"]) == 1:
+                p["failed"] = True  # the first round failed: no point in repeating it
+    for p in prepared:
+        rec, cand, gp, sims, order = (p[k] for k in ("rec", "cand", "gp", "sims", "order"))
+        label = rec["placement"]
+        used = p.get("grad_copies", grad_copies)
+        used_barrier = "deferred" if used == "deferred" else "barrier"
+        meas, rounds = merge_rounds([m for m, _ in p.get("rounds", [])])
         # What the earlier executor (copies at first use, fx order) would take: a reference
         # for measurements made with it.
         earlier = HostModel(
@@ -931,51 +1049,35 @@ def run_model(
         )
         sim_earlier = simulate(graph, gp, cluster, host=earlier, order=cand.get("order"))
         est_peak = max(sims[args.contention].peak_memory)
-        headroom = int(args.headroom_gib * GIB)
-        caps = (
-            None
-            if cand.get("uncapped")
-            else runtime_caps(traced.specs, cand["fx"], cand.get("cap", cap), headroom, 2, output)
-        )
-        # The host's speed right before this configuration (the chain, not this placement).
-        now = chain_now(devices, args.quick, chain_kind)
-        used = grad_copies
-        for mode in dict.fromkeys([grad_copies, "autograd"]):
-            used = mode
-            meas = measure_step(
-                model,
-                cand["fx"],
-                devices,
-                inputs,
-                args.steps,
-                args.warmup,
-                leaves,
-                order,
-                cap_bytes=caps,
-                grad_copies=mode,
-                diagnose=diagnose,
-            )
-            # An error other than running out of memory under deferred gradient copies: retry
-            # with autograd's copies (and replay those) rather than lose the configuration.
-            if meas["step_s"] is not None or meas.get("error_kind") == "OOM":
-                break
         # The executor replay (its host launches, streams, autograd's backward order) with
         # the gradient copies used (a configuration retried with autograd's is replayed so),
-        # the host calibrated once per model or re-timed right before this configuration.
-        used_barrier = "deferred" if used == "deferred" else "barrier"
-        if chain_ref is None or now is None:
-            drift = replace_host(host, used_barrier)
-        else:
-            drift = host_at(timing, chain_ref, now, used_barrier)
-        replay = drift if args.host_model == "now" else replace_host(host, used_barrier)
-        sim_host = simulate(graph, gp, loaded, contention=args.contention, host=replay, order=order)
+        # the host calibrated once per model or re-timed right before each round: then the
+        # median over the rounds, as the measurement is.
+        once = replace_host(host, used_barrier)
+        drifts = [
+            once
+            if chain_ref is None or now is None
+            else host_at(timing, chain_ref, now, used_barrier)
+            for _, now in p.get("rounds", [])
+        ] or [once]
+        now_s = [simulate(graph, gp, loaded, host=h, order=order).makespan for h in drifts]
+        replay = _median(now_s) if args.host_model == "now" else None
+        sim_host = simulate(
+            graph,
+            gp,
+            loaded,
+            contention=args.contention,
+            host=drifts[now_s.index(replay)] if replay is not None else once,
+            order=order,
+        )
         terms = replay_terms(graph, gp, (cluster, loaded), hosts, order, meas, used_barrier)
-        terms["+ host speed now"] = simulate(graph, gp, loaded, host=drift, order=order).makespan
-        per_op = per_op_makespan(graph, gp, loaded, drift, order, host_costs)
-        if per_op is not None:
-            terms["+ per-op host costs"] = per_op
+        terms["+ host speed now"] = _median(now_s)
+        per_op = [per_op_makespan(graph, gp, loaded, h, order, host_costs) for h in drifts]
+        if per_op and all(x is not None for x in per_op):
+            terms["+ per-op host costs"] = _median(per_op)
         fid = {c: _rel_err(s.makespan, meas["step_s"]) for c, s in sims.items()}
         fid_host = _rel_err(sim_host.makespan, meas["step_s"])
+        chains = [now for _, now in p.get("rounds", [])]
         rec.update(
             devices_used=sorted(set(cand["fx"].values())),
             launch_order="plan" if cand.get("order") else "simulated",
@@ -989,10 +1091,7 @@ def run_model(
             simulated_earlier_executor_s=sim_earlier.makespan,
             fidelity_host=fid_host,
             replay_terms_s=terms,
-            host_chain_us={
-                k: [[x * 1e6 for x in t.per_launch] for t in v] if v else None
-                for k, v in (("reference", chain_ref), ("now", now))
-            },
+            host_chain_us=chain_record(chain_ref, chains),
             replay_terms_fidelity={k: _rel_err(v, meas["step_s"]) for k, v in terms.items()},
             simulated_host_phases_s={
                 "forward": sim_host.extra["host_forward_s"],
@@ -1003,21 +1102,27 @@ def run_model(
                 {k.removesuffix("_s") + "_ms": v * 1e3 for k, v in row.items()}
                 for row in sim_host.phases()
             ],
+            rounds=[{**x, "simulated_host_now_s": t} for x, t in zip(rounds, now_s, strict=False)],
             **meas,
         )
-        records.append(rec)
+    for rec in records:
+        label = rec["placement"]
+        if "error" in rec and "step_s" not in rec:
+            rows.append([name, label, "-", "-", "-", "-", "-", "-", "-", rec["error"][:40]])
+            continue
+        sim = rec["simulated_s"][args.contention]
         rows.append(
             [
                 name,
                 label,
                 len(rec["devices_used"]),
                 "yes" if rec["fits_cap"] else "no",
-                f"{meas['step_s'] * 1e3:.2f}" if meas["step_s"] else meas["error_kind"],
-                f"{sims[args.contention].makespan * 1e3:.2f}",
-                _pct(fid[args.contention], sign=False),
-                f"{sim_host.makespan * 1e3:.2f}",
-                _pct(fid_host, sign=False),
-                f"{cand['placement_s']:.3f}" if cand.get("placement_s") is not None else "-",
+                f"{rec['step_s'] * 1e3:.2f}" if rec["step_s"] else rec["error_kind"],
+                f"{sim * 1e3:.2f}",
+                _pct(rec["fidelity"][args.contention], sign=False),
+                f"{rec['simulated_host_s'] * 1e3:.2f}",
+                _pct(rec["fidelity_host"], sign=False),
+                f"{rec['placement_s']:.3f}" if rec.get("placement_s") is not None else "-",
             ]
         )
     info = {
@@ -1269,8 +1374,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small models on CPU, 2 logical devices")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20, quick 5)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5, quick 2)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds: each configuration measured once per round, the median "
+        "reported (default 3, quick 2)",
+    )
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed steps per round (default 7, quick 2)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="warm-up steps per round (default 3, quick 1)"
+    )
+    ap.add_argument(
+        "--chain-steps",
+        type=int,
+        default=None,
+        help="steps per layout when the calibration chain is re-timed before a measurement "
+        "(default 10, quick 2)",
+    )
     ap.add_argument("--cap-fraction", type=float, default=0.65, help="cap / single-device need")
     ap.add_argument("--headroom-gib", type=float, default=2.0, help="runtime cap slack (GPU)")
     ap.add_argument("--contention", choices=["shared", "link", "none"], default="shared")
@@ -1310,8 +1433,12 @@ def main() -> None:
     if not args.quick and gpus < 2:
         print("fewer than 2 GPUs: running --quick on CPU logical devices instead")
         args.quick = True
-    args.steps = args.steps or (2 if args.quick else 20)
-    args.warmup = args.warmup or (1 if args.quick else 5)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.steps = args.steps or (2 if args.quick else 7)
+    args.warmup = args.warmup or (1 if args.quick else 3)
+    args.chain_steps = args.chain_steps or (2 if args.quick else 10)
+    if min(args.rounds, args.steps, args.warmup, args.chain_steps) < 1:
+        raise ValueError("--rounds, --steps, --warmup and --chain-steps must be >= 1")
     if args.quick:
         # One thread: both logical devices share the host cores anyway, and OpenMP barriers
         # on a busy host cost more than the tiny ops themselves.

@@ -82,6 +82,14 @@ def one_device_weights(
     return None, None, "none"
 
 
+def median_makespan(graph, gp, cluster, hosts: list, order) -> float:
+    """The replay's step time under each host model (one per round), the median (the upper
+    one of an even count, as ``placement_gpu`` takes it)."""
+    return bench._median(
+        [bench.simulate(graph, gp, cluster, host=h, order=order).makespan for h in hosts]
+    )
+
+
 def replay_model(
     run: dict[str, Any],
     info: dict[str, Any],
@@ -133,23 +141,29 @@ def replay_model(
         barrier = "deferred" if rec.get("grad_copies", "deferred") == "deferred" else "barrier"
         terms = bench.replay_terms(graph, gp, (cluster, loaded), hosts, order, rec, barrier)
         chain = rec.get("host_chain_us") or {}
-        if chain.get("reference") and chain.get("now"):  # the host re-timed before it ran
-            ref, now = (tuple(per_launch_timing(x) for x in chain[k]) for k in ("reference", "now"))
-            drift = bench.host_at(timing, ref, now, barrier, multi)
-            drift = dataclasses.replace(drift, **options)
-            terms["+ host speed now"] = bench.simulate(
-                graph, gp, loaded, host=drift, order=order
-            ).makespan
+        # The host re-timed before each round (runs with interleaved rounds), else before
+        # the configuration ran: the replay per chain timing, then the median, as the
+        # benchmark does.
+        nows = [x for x in chain.get("rounds") or [chain.get("now")] if x]
+        if chain.get("reference") and nows:
+            ref = tuple(per_launch_timing(x) for x in chain["reference"])
+            drifts = [
+                dataclasses.replace(
+                    bench.host_at(timing, ref, tuple(map(per_launch_timing, now)), barrier, multi),
+                    **options,
+                )
+                for now in nows
+            ]
+            terms["+ host speed now"] = median_makespan(graph, gp, loaded, drifts, order)
             forward_w, backward_w = weights
             if getattr(args, "backward_like_forward", False) and backward_w is None:
                 backward_w = forward_w  # an assumption, not a measurement
             if forward_w is not None:
-                weighted = dataclasses.replace(
-                    drift, forward_weights=forward_w, backward_weights=backward_w
-                )
-                terms["+ per-op host costs"] = bench.simulate(
-                    graph, gp, loaded, host=weighted, order=order
-                ).makespan
+                weighted = [
+                    dataclasses.replace(h, forward_weights=forward_w, backward_weights=backward_w)
+                    for h in drifts
+                ]
+                terms["+ per-op host costs"] = median_makespan(graph, gp, loaded, weighted, order)
         out.append({"model": name, "placement": rec["placement"], "step_s": rec["step_s"], **terms})
     return out
 

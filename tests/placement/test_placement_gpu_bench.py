@@ -381,6 +381,33 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
         partial = {"forward_ms": {"x": 1.0}, "backward_ms": costs["backward_ms"]}
         assert bench.per_op_makespan(graph, gp, loaded, full, order, partial) is None
         assert set(replay.TERMS) <= set(r)
+    # A run with interleaved rounds: the chain re-timed before each round; the replay is the
+    # median over the rounds' replays (the second round's host ran at half speed, the
+    # third's at twice the speed with no second-device cost).
+    rounds = [chain, [[200.0, 200.0], [300.0, 200.0]], [[50.0, 50.0], [50.0, 50.0]]]
+    for rec in run["models"][0]["records"]:
+        rec["host_chain_us"] = {"reference": chain, "now": chain, "rounds": rounds}
+    args = argparse.Namespace(multi_forward=None, multi_backward=None, copy_slowdown=None)
+    timed = replay.replay_model(run, run["models"][0], args)
+    ref = tuple(replay.per_launch_timing(x) for x in chain)
+    for r in timed:
+        gp = bench.graph_placement(graph, cands[r["placement"]]["fx"])
+        order = (
+            cands[r["placement"]].get("order") or bench.simulate(graph, gp, cluster).launch_order()
+        )
+        each = [
+            bench.simulate(
+                graph,
+                gp,
+                loaded,
+                host=bench.host_at(
+                    timing, ref, tuple(map(replay.per_launch_timing, x)), "deferred"
+                ),
+                order=order,
+            ).makespan
+            for x in rounds
+        ]
+        assert r["+ host speed now"] == pytest.approx(sorted(each)[1]), r["placement"]
     # An older run without them: the forward weights come from the one-device configuration's
     # host clock (``--diagnose``), there are no backward ones.
     older = {"models": [{"model": "branches", "records": [{"placement": "m-etf"}]}]}
@@ -458,3 +485,71 @@ def test_kernels_are_attributed_to_the_phase_that_launched_them(bench) -> None:
         "backward/0": {"kernel": 3.0, "copy": 1.0},
     }
     assert out["unmatched"] == 1
+
+
+def test_rounds_merge_to_medians_and_keep_each_round(bench) -> None:
+    """A configuration measured in interleaved rounds reports the median of each host-varying
+    figure and of each device phase end; the last successful round's other fields (the host
+    and backward clocks are measured in the last round only); every round's figures."""
+
+    def meas(step, fwd, ends, **extra):
+        return {
+            "step_s": step,
+            "spread_s": step / 10,
+            "host_forward_s": fwd,
+            "host_backward_s": 2 * fwd,
+            "host_optimizer_s": 0.5,
+            "device_phase_end_ms": {"forward": ends, "backward": [e + 10 for e in ends]},
+            "error": None,
+            **extra,
+        }
+
+    rounds = [
+        meas(0.050, 0.010, [5.0, 7.0]),
+        meas(0.040, 0.030, [6.0, 4.0]),
+        meas(0.060, 0.020, [9.0, 5.0], backward_starts_ms=[["a", 0, 0.0]]),
+    ]
+    out, per = bench.merge_rounds(rounds)
+    assert out["step_s"] == 0.050 and out["spread_s"] == pytest.approx(0.005)
+    assert (out["host_forward_s"], out["host_backward_s"]) == (0.020, 0.040)
+    assert out["spread_rounds_s"] == pytest.approx(0.010)  # (60 - 40) / 2 ms
+    assert out["device_phase_end_ms"] == {"forward": [6.0, 5.0], "backward": [16.0, 15.0]}
+    assert out["backward_starts_ms"] == [["a", 0, 0.0]]
+    assert [r["step_s"] for r in per] == [0.050, 0.040, 0.060]
+    # A failed round is listed but not counted; every round failing keeps the last failure.
+    failed = {"step_s": None, "error": "OutOfMemoryError: x", "error_kind": "OOM"}
+    out, per = bench.merge_rounds([rounds[0], failed, rounds[1]])
+    assert out["step_s"] == 0.050 and out["host_forward_s"] == 0.030  # upper median of 2
+    assert per[1] == {**dict.fromkeys(bench.ROUND_FIELDS), "error": "OutOfMemoryError: x"}
+    out, _ = bench.merge_rounds([failed])
+    assert out["step_s"] is None and out["error_kind"] == "OOM"
+
+
+def test_chain_record_keeps_each_round_and_their_median(bench) -> None:
+    ms = 1e-3
+    ref = (bench.HostTiming(1 * ms, 10, 2 * ms, 10), bench.HostTiming(3 * ms, 10, 4 * ms, 10))
+    nows = [
+        (bench.HostTiming(2 * ms, 10, 1 * ms, 10), bench.HostTiming(3 * ms, 10, 3 * ms, 10)),
+        None,  # the chain failed before that round
+        (bench.HostTiming(1 * ms, 10, 3 * ms, 10), bench.HostTiming(5 * ms, 10, 1 * ms, 10)),
+        (bench.HostTiming(4 * ms, 10, 2 * ms, 10), bench.HostTiming(4 * ms, 10, 2 * ms, 10)),
+    ]
+    rec = bench.chain_record(ref, nows)
+    assert rec["reference"] == [[pytest.approx(100), pytest.approx(200)], [300, 400]]
+    assert rec["rounds"][1] is None and rec["rounds"][0] == [[200, 100], [300, 300]]
+    # Per entry, the median over the rounds the chain ran in: [200, 200], [400, 200] (us).
+    assert rec["now"] == [[pytest.approx(200), pytest.approx(200)], [400, 200]]
+    assert bench.chain_record(None, [None]) == {"reference": None, "now": None, "rounds": [None]}
+
+
+def test_clocks_run_only_when_asked(bench) -> None:
+    """The host and backward clocks cost two more steps: the benchmark takes them in the last
+    round only (the backward starts show which autograd thread ran first)."""
+    model, inputs, leaves, placement = _configuration(bench)
+    devices = [torch.device("cpu")] * 2
+    plain = bench.measure_step(model, placement, devices, inputs, 1, 1, leaves, clocks=False)
+    assert plain["step_s"] > 0
+    assert not {"backward_starts_ms", "slowest_launches_ms", "host_launch_by_device"} & set(plain)
+    full = bench.measure_step(model, placement, devices, inputs, 1, 1, leaves)
+    names = {n for n, _, _ in full["backward_starts_ms"]}
+    assert names and names <= set(placement) and len(full["slowest_launches_ms"]) == 5
