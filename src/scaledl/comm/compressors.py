@@ -294,22 +294,22 @@ class TopKCompressor(_BatchedCompressor):
     carry 0 and point at the last element (decoding adds, so they change nothing).
 
     ``selection`` picks how the global top-k is found: ``"exact"`` is one ``torch.topk``;
-    ``"sampled"`` estimates the threshold from a random sample and runs ``torch.topk`` on the
-    few candidates above it (:mod:`scaledl.comm.topk_sampled`, one Triton pass over the row;
-    the same set as ``torch.topk`` except with probability about 1e-9 per call, counted by
-    :attr:`inexact_selections`). It applies to large rows on CUDA (elsewhere the selection
-    is exact); ``"auto"`` (default) is ``"sampled"`` where Triton is installed. ``seed``
-    seeds the sampling (each rank samples on its own; the indices are sent).
+    ``"triton"`` is a radix select in four passes over the row that writes the payload
+    directly (:mod:`scaledl.comm.topk_triton`; CUDA, rows of 65536 elements or more, else
+    ``torch.topk``). Both select the k largest magnitudes; they can differ only in which of
+    several elements tied at the k-th magnitude are kept (``"triton"`` keeps the lowest
+    indices, ``torch.topk`` any). ``"auto"`` (default) is ``"triton"`` where Triton is
+    installed.
     """
 
     name = "topk"
+    selection = "exact"  # objects pickled before the option existed
 
     def __init__(
         self,
         ratio: float | int = 0.01,
         chunk: int | None = None,
         selection: str = "auto",
-        seed: int = 0,
     ) -> None:
         self.keep = _check_count_spec(ratio, "top-k ratio")
         if chunk is not None:
@@ -318,22 +318,21 @@ class TopKCompressor(_BatchedCompressor):
             if self.keep >= 1:
                 raise ValueError("chunked top-k needs a fractional ratio (below 1)")
         self.chunk = chunk
-        if selection not in ("auto", "exact", "sampled"):
+        if selection not in ("auto", "exact", "triton"):
             raise ValueError(
-                f"top-k selection must be 'auto', 'exact' or 'sampled', got {selection!r}"
+                f"top-k selection must be 'auto', 'exact' or 'triton', got {selection!r}"
             )
-        from scaledl.comm import topk_sampled
+        from scaledl.comm import topk_triton
 
-        if selection == "sampled" and topk_sampled.triton is None:
-            raise ValueError("top-k selection='sampled' needs triton (pip install triton)")
+        if selection == "triton" and (topk_triton.triton is None or chunk is not None):
+            raise ValueError(
+                "top-k selection='triton' needs triton installed and no chunk"
+                if chunk is None
+                else "top-k selection='triton' and chunk are exclusive"
+            )
         if selection == "auto":
-            selection = "exact" if topk_sampled.triton is None or chunk else "sampled"
-        if selection == "sampled" and chunk is not None:
-            raise ValueError("top-k selection='sampled' and chunk are exclusive")
+            selection = "exact" if topk_triton.triton is None or chunk else "triton"
         self.selection = selection
-        self.seed = int(seed)
-        self._gens: dict[torch.device, torch.Generator] = {}
-        self._inexact: dict[torch.device, torch.Tensor] = {}
 
     def _chunks(self, numel: int) -> tuple[int, int, int]:
         """(chunk length, number of chunks, kept per chunk) of the chunked variant."""
@@ -358,11 +357,14 @@ class TopKCompressor(_BatchedCompressor):
             idx, vals = self._chunked_topk(x)
         else:
             k = self.k(x.shape[1])
-            picked = self._sampled(x, k) if self.selection == "sampled" else None
-            if picked is None:
-                idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices  # all rows at once
-                picked = idx, x.gather(1, idx)
-            idx, vals = picked
+            if self.selection == "triton":
+                from scaledl.comm import topk_triton
+
+                payload = topk_triton.topk_payload(x.contiguous(), k)
+                if payload is not None:
+                    return payload
+            idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices  # all rows at once
+            vals = x.gather(1, idx)
         return torch.cat([idx.to(torch.int32).view(torch.uint8), vals.view(torch.uint8)], dim=1)
 
     def _chunked_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,32 +379,10 @@ class TopKCompressor(_BatchedCompressor):
         # padding positions (value 0) point at the last element: decoding adds them
         return (local + offsets).clamp_(max=d - 1).view(rows, -1), vals
 
-    def _sampled(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        from scaledl.comm import topk_sampled
-
-        dev = x.device
-        if not topk_sampled.available(dev) or topk_sampled.plan(x.shape[1], k) is None:
-            return None
-        if dev not in self._gens:
-            self._gens[dev] = torch.Generator(device=dev).manual_seed(self.seed)
-            self._inexact[dev] = torch.zeros((), dtype=torch.int64, device=dev)
-        return topk_sampled.select(x.contiguous(), k, self._gens[dev], self._inexact[dev])
-
-    @property
-    def inexact_selections(self) -> int:
-        """Sampled selections that were not the exact top-k (expected 0; reading syncs)."""
-        return sum(int(t.item()) for t in self._inexact.values())
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_gens"], state["_inexact"] = {}, {}  # per-device, re-created on use
-        return state
-
     @property
     def decode_adds(self) -> bool:
-        """Whether payload values at repeated indices are summed on decode (chunked, or
-        sampled: its padding entries are (0, 0.0))."""
-        return self.chunk is not None or self.selection == "sampled"
+        """Whether payload values at repeated indices are summed on decode (chunked)."""
+        return self.chunk is not None
 
     def decompress_batch(
         self, payloads: torch.Tensor, numel: int, keys: Sequence[int]
