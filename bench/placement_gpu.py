@@ -736,36 +736,46 @@ def calibrate_multi_device(
 
 def chain_now(
     devices, quick: bool, kind: str, steps: int | None = None
-) -> tuple[HostTiming, HostTiming] | None:
-    """The calibration chain's host timing now, on one device and alternating (``steps``
-    steps each, default 2 quick / 20); None if it failed (the replay then keeps the run's
-    calibration)."""
+) -> tuple[HostTiming] | None:
+    """The calibration chain's host timing now on one device (``steps`` steps, default 2
+    quick / 20), as a 1-tuple: the host's speed now; None if it failed (the replay then
+    keeps the model's calibration)."""
     try:
         steps = steps or (2 if quick else 20)
-        cal = calibrate_multi_device(devices, steps, quick, kind, CHAIN_PAIR)
+        cal = calibrate_multi_device(devices, steps, quick, kind, CHAIN_PAIR[:1])
     except Exception as exc:
         traceback.clear_frames(exc.__traceback__)
         print(f"calibration chain failed: {error_text(exc)}")
         return None
-    return cal["timings"][CHAIN_PAIR[0]], cal["timings"][CHAIN_PAIR[1]]
+    return (cal["timings"][CHAIN_PAIR[0]],)
 
 
-#: The chain layouts whose per-launch ratio is the multi-device host factor.
+#: The chain layouts whose per-launch costs give the second device's host cost.
 CHAIN_PAIR = ("one device", "alternating")
 
 
 def host_at(
     timing: HostTiming,
-    ref: tuple[HostTiming, HostTiming],
-    now: tuple[HostTiming, HostTiming],
+    ref: tuple[HostTiming, ...],
+    now: tuple[HostTiming, ...],
     barrier: str,
     multi: str = "extra",
+    calibration: tuple[HostTiming, HostTiming] | None = None,
 ) -> HostModel:
     """The host model with the host's speed now: the model's one-device costs scaled by the
-    calibration chain's one-device per-launch cost now over when the model was calibrated
-    (``ref``; the optimizer's host time as the forward's), and the chain's multi-device
-    costs now (``multi``: see :func:`fit_host_model`). The host's speed drifts during a
-    run (2 H200s: the same placement measured 15.2 and 22.7 ms of forward host time)."""
+    calibration chain's one-device per-launch cost now (``now[0]``) over when the model was
+    calibrated (``ref[0]``; the optimizer's host time as the forward's). The host's speed
+    drifts during a run (2 H200s: the same placement measured 15.2 and 22.7 ms of forward
+    host time).
+
+    The second device's host cost (``multi``: see :func:`fit_host_model`) is the run's
+    ``calibration`` of the chain (one device, alternating: timed once, 20 steps each) as a
+    ratio, applied to the chain's launch now: it adds ``(alternating / one - 1)`` of a chain
+    launch per launch, and a copy costs a chain launch, at the host's speed now. Without a
+    calibration, the chain's own ``now`` pair if it has one (runs recorded before 2026-11-27
+    re-timed both layouts), else none. A difference of two re-timed layouts is noisier than
+    the host's speed: on the recorded 2x H100 run it put the Inception expert 3.2 points
+    further off."""
     (f0, b0), (f1, b1) = ref[0].per_launch, now[0].per_launch
     speed_f = f1 / f0 if f0 > 0 else 1.0
     scaled = dataclasses.replace(
@@ -774,7 +784,15 @@ def host_at(
         backward_s=timing.backward_s * b1 / b0 if b0 > 0 else timing.backward_s,
         optimizer_s=timing.optimizer_s * speed_f,
     )
-    return fit_host_model(scaled, now, multi, backward_threads="shared", grad_copies=barrier)
+    pair: tuple[HostTiming, HostTiming] | None = None
+    if calibration is not None:
+        (c1, d1), (c2, d2) = calibration[0].per_launch, calibration[1].per_launch
+        if min(c1, d1) <= 0:
+            raise ValueError("the one-device calibration timing must have host time > 0")
+        pair = (now[0], HostTiming(f1 * c2 / c1, 1, b1 * d2 / d1, 1))
+    elif len(now) > 1:
+        pair = (now[0], now[1])
+    return fit_host_model(scaled, pair, multi, backward_threads="shared", grad_copies=barrier)
 
 
 #: A configuration's figures that vary with the host: per round, and their medians.
@@ -808,15 +826,17 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dic
 def chain_record(
     ref: tuple[HostTiming, HostTiming] | None, nows: list[tuple[HostTiming, HostTiming] | None]
 ) -> dict[str, Any]:
-    """``host_chain_us``: the chain's host us per forward launch and backward task (one
-    device, alternating) when the model was calibrated (``reference``), before each round
-    (``rounds``) and their median (``now``)."""
+    """``host_chain_us``: the chain's host us per forward launch and backward task (per
+    layout timed: one device, and in runs before 2026-11-27 also alternating) when the model
+    was calibrated (``reference``), before each round (``rounds``) and their median
+    (``now``)."""
 
     def us(t):
         return [[x * 1e6 for x in h.per_launch] for h in t] if t else None
 
     got = [us(n) for n in nows if n]
-    med = [[_median([g[i][j] for g in got]) for j in range(2)] for i in range(2)] if got else None
+    n = min((len(g) for g in got), default=0)
+    med = [[_median([g[i][j] for g in got]) for j in range(2)] for i in range(n)] if got else None
     return {"reference": us(ref), "now": med, "rounds": [us(n) for n in nows]}
 
 
@@ -960,11 +980,10 @@ def run_model(
     barrier = "deferred" if grad_copies == "deferred" else "barrier"
     # The host model: this model's one-device launch costs, autograd's threads taking turns,
     # and the two-device factors of the calibration chain (none of these placements).
+    pair = chain_timings(calib, name)
     hosts = {
         "one-gpu": fit_host_model(timing, grad_copies=barrier),
-        "full": fit_host_model(
-            timing, chain_timings(calib, name), backward_threads="shared", grad_copies=barrier
-        ),
+        "full": fit_host_model(timing, pair, backward_threads="shared", grad_copies=barrier),
     }
     host = hosts["full"]
     # Copies slow compute on both of their devices (measured once per run).
@@ -1057,7 +1076,7 @@ def run_model(
         drifts = [
             once
             if chain_ref is None or now is None
-            else host_at(timing, chain_ref, now, used_barrier)
+            else host_at(timing, chain_ref, now, used_barrier, calibration=pair)
             for _, now in p.get("rounds", [])
         ] or [once]
         now_s = [simulate(graph, gp, loaded, host=h, order=order).makespan for h in drifts]

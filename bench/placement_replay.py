@@ -147,9 +147,15 @@ def replay_model(
         nows = [x for x in chain.get("rounds") or [chain.get("now")] if x]
         if chain.get("reference") and nows:
             ref = tuple(per_launch_timing(x) for x in chain["reference"])
+            # The second device's cost: the run's calibration of the chain at the host's speed
+            # now (the benchmark's model), or the chain's alternating layout re-timed with it
+            # (recorded by runs before 2026-11-27 only; their sim+host used it).
+            cal = pair if getattr(args, "two_device_costs", "run") == "run" else None
             drifts = [
                 dataclasses.replace(
-                    bench.host_at(timing, ref, tuple(map(per_launch_timing, now)), barrier, multi),
+                    bench.host_at(
+                        timing, ref, tuple(map(per_launch_timing, now)), barrier, multi, cal
+                    ),
                     **options,
                 )
                 for now in nows
@@ -174,6 +180,14 @@ def main() -> None:
     ap.add_argument("--multi-forward", type=float, default=None, help="override the factor")
     ap.add_argument("--multi-backward", type=float, default=None, help="override the factor")
     ap.add_argument("--copy-slowdown", type=float, default=None, help="override copy_slowdown")
+    ap.add_argument(
+        "--two-device-costs",
+        choices=("run", "now"),
+        default="run",
+        help="'+ host speed now': the second device's cost from the run's calibration chain at "
+        "the host's speed now (default) or from the alternating chain re-timed before each "
+        "configuration (recorded by earlier runs only; what their sim+host used)",
+    )
     ap.add_argument(
         "--multi-device",
         choices=("extra", "factor"),

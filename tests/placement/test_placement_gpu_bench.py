@@ -303,6 +303,23 @@ def test_host_speed_now_scales_the_model_costs_by_the_chain(bench) -> None:
     f = bench.host_at(timing, ref, now, "deferred", "factor")
     assert (f.multi_forward, f.multi_backward) == (pytest.approx(1.5), pytest.approx(2.0))
     assert f.forward_s == pytest.approx(0.4 * ms) and f.extra_forward_s == 0.0
+    # The benchmark's model: only the one-device chain is re-timed; the run's calibration
+    # (alternating / one device: 300 / 200 = 1.5 per launch, 200 / 100 = 2 per task) at the
+    # chain's launch now (200 / 150 us) gives the same 100 / 150 us for the second device.
+    cal = (bench.HostTiming(2 * ms, 10, 1 * ms, 10), bench.HostTiming(3 * ms, 10, 2 * ms, 10))
+    c = bench.host_at(timing, ref[:1], now[:1], "deferred", calibration=cal)
+    assert c.forward_s == pytest.approx(0.4 * ms) and c.backward_s == pytest.approx(0.225 * ms)
+    assert c.extra_forward_s == pytest.approx(0.1 * ms)
+    assert c.extra_backward_s == pytest.approx(0.15 * ms)
+    assert c.copy_s == pytest.approx(0.2 * ms)
+    # The host twice as slow now doubles the second device's cost with it.
+    slow = (bench.HostTiming(4 * ms, 10, 3 * ms, 10),)
+    c2 = bench.host_at(timing, ref[:1], slow, "deferred", calibration=cal)
+    assert c2.extra_forward_s == pytest.approx(0.2 * ms)
+    assert c2.extra_backward_s == pytest.approx(0.3 * ms)
+    # Without a calibration or a re-timed second layout there is no second-device term.
+    plain = bench.host_at(timing, ref[:1], now[:1], "deferred")
+    assert (plain.extra_forward_s, plain.extra_backward_s, plain.copy_s) == (0.0, 0.0, None)
 
 
 def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
@@ -408,6 +425,28 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
             for x in rounds
         ]
         assert r["+ host speed now"] == pytest.approx(sorted(each)[1]), r["placement"]
+    # With the run's calibration chain recorded, the second device's cost comes from it (at
+    # the host's speed now), not from the re-timed alternating layout.
+    cal = (bench.HostTiming(1e-3, 10, 1e-3, 10), bench.HostTiming(3e-3, 10, 1e-3, 10))
+    run["host_calibration"] = {
+        "linear": {"timings": dict(zip(bench.CHAIN_PAIR, map(dataclasses.asdict, cal)))}
+    }
+    timed = replay.replay_model(run, run["models"][0], args)
+    for r in timed:
+        gp = bench.graph_placement(graph, cands[r["placement"]]["fx"])
+        order = (
+            cands[r["placement"]].get("order") or bench.simulate(graph, gp, cluster).launch_order()
+        )
+        hosts = [
+            bench.host_at(
+                timing, ref, tuple(map(replay.per_launch_timing, x)), "deferred", "extra", cal
+            )
+            for x in rounds
+        ]
+        each = [bench.simulate(graph, gp, loaded, host=h, order=order).makespan for h in hosts]
+        assert r["+ host speed now"] == pytest.approx(sorted(each)[1]), r["placement"]
+        # alternating / one device = 3: the second device adds two chain launches per launch
+        assert hosts[0].extra_forward_s == pytest.approx(2e-4)
     # An older run without them: the forward weights come from the one-device configuration's
     # host clock (``--diagnose``), there are no backward ones.
     older = {"models": [{"model": "branches", "records": [{"placement": "m-etf"}]}]}
