@@ -13,13 +13,16 @@ For each model (synthetic parallel branches, the 6+6 Transformer, an Inception-s
    device (uncapped reference), a hand-written expert split, a sequential memory fill like
    Accelerate's ``device_map="auto"`` and an equal-size two-stage pipeline split;
 4. run each placement with ``PlacedModule`` (launch order: the plan's, else the simulated
-   order of that placement) in its own scope (Adam, MSE loss; median step
-   time over ``--steps`` after warm-up; memory released before and after) and compare with
-   the simulator: |simulated - measured| / measured for each contention model, and for the
-   replay with the executor's host launches (``HostModel``: the model's unsynchronised
-   one-device step's host time per launch, autograd's backward threads taking turns, the
-   optimizer's host time, the two-device factor of a calibration chain, compute slowed by
-   copies as ``copy_contention`` measured), with a table of the replay as each term is added;
+   order of that placement) in its own scope (Adam, MSE loss; memory released before and
+   after), in ``--rounds`` interleaved rounds (every configuration once per round, each
+   round starting one later; ``--steps`` timed steps after ``--warmup`` per round; the
+   medians over the rounds reported) and compare with the simulator:
+   |simulated - measured| / measured for each contention model, and for the replay with the
+   executor's host launches (``HostModel``: the model's unsynchronised one-device step's
+   host time per launch, autograd's backward threads taking turns, the optimizer's host
+   time, the second device's host cost per launch from a calibration chain, compute slowed
+   by copies as ``copy_contention`` measured, the host's speed re-timed before each round;
+   the median of the rounds' replays), with a table of the replay as each term is added;
 5. place the same profiled graphs on simulated 4- and 8-device clusters.
 
 ``--diagnose MODEL`` also profiles one step per placement and prints measured vs simulated

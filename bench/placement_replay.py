@@ -3,11 +3,13 @@
 Each model is traced on ``meta`` (no weights, no GPU), given the run's profiled node times
 (``node_seconds``), capped and placed exactly as the run did (``build_candidates``), and every
 configuration is replayed with the executor replay as each model term is added: one-GPU host
-costs, autograd's backward threads taking turns, the optimizer's host time, the two-device
-host factors, copy/compute contention, the host re-timed right before the configuration (runs
-that recorded it), and (a diagnostic) the configuration's own measured host costs. The
-calibrations come from the run's JSON; ``--multi-forward`` and friends override them to see
-what a term would need to be. Runs on CPU in seconds::
+costs, autograd's backward threads taking turns, the optimizer's host time, the second
+device's host cost, copy/compute contention, the host re-timed right before the configuration
+(each round's, then the median, for runs with interleaved rounds), and (a diagnostic) the
+configuration's own measured host costs. The calibrations come from the run's JSON;
+``--multi-forward`` and friends override them to see what a term would need to be;
+``--two-device-costs now --multi-device factor`` replays what runs recorded before 2026-11-27
+used for their ``sim+host``. Runs on CPU in seconds::
 
     PYTHONPATH=src python bench/placement_replay.py bench/results/placement_gpu.json
     PYTHONPATH=src python bench/placement_replay.py RUN.json --multi-forward 1.5
