@@ -592,3 +592,55 @@ def test_clocks_run_only_when_asked(bench) -> None:
     full = bench.measure_step(model, placement, devices, inputs, 1, 1, leaves)
     names = {n for n, _, _ in full["backward_starts_ms"]}
     assert names and names <= set(placement) and len(full["slowest_launches_ms"]) == 5
+
+
+def test_run_model_interleaves_rounds_and_stops_repeating_a_failure(bench, monkeypatch) -> None:
+    """Every configuration is measured once per round, each round starting one configuration
+    later; one failing in its first round is not measured again and keeps its error; the
+    others report medians over their rounds and ``sim+host`` as the median of the rounds'
+    replays."""
+    args = argparse.Namespace(
+        quick=True, rounds=2, steps=1, warmup=1, chain_steps=1, cap_fraction=0.65,
+        headroom_gib=2.0, contention="shared", profile_repeats=1, grad_copies="deferred",
+        diagnose=None, placements=["m-etf", "expert", "single (uncapped)"], host_model="now",
+    )  # fmt: skip
+    devices = [torch.device("cpu")] * 2
+    real, calls = bench.measure_step, []
+
+    def spy(model, placement, *a, clocks=True, **kw):
+        label = next((k for k, v in labels.items() if v == placement), None)
+        calls.append((label, clocks))  # None: a calibration (the model or the chain)
+        if label == "expert":
+            return {"step_s": None, "error": "RuntimeError: boom", "error_kind": "RuntimeError"}
+        return real(model, placement, *a, clocks=clocks, **kw)
+
+    labels: dict[str, dict[str, int]] = {}
+    real_build = bench.build_candidates
+
+    def build(*a, **kw):
+        out = real_build(*a, **kw)
+        labels.update({k: v["fx"] for k, v in out.items() if "fx" in v})
+        return out
+
+    monkeypatch.setattr(bench, "build_candidates", build)
+    monkeypatch.setattr(bench, "measure_step", spy)
+    comm = CommCost(1e-5, 1e-9)
+    calib = {"chains": {}, "copy_slowdown": 0.0}
+    _, info = bench.run_model("branches", args, devices, comm, calib)
+    order = [c for c in calls if c[0] in args.placements]
+    # The expert fails in round 1 under deferred copies, then under autograd's: not again.
+    assert order == [
+        ("m-etf", False), ("expert", False), ("expert", False), ("single (uncapped)", False),
+        ("single (uncapped)", True), ("m-etf", True),
+    ]  # fmt: skip
+    recs = {r["placement"]: r for r in info["records"]}
+    assert recs["expert"]["step_s"] is None and recs["expert"]["error"] == "RuntimeError: boom"
+    assert recs["expert"]["grad_copies"] == "autograd"
+    for label in ("m-etf", "single (uncapped)"):
+        rec = recs[label]
+        steps = [r["step_s"] for r in rec["rounds"]]
+        assert len(steps) == 2 and rec["step_s"] == max(steps)  # upper median of two
+        assert "backward_starts_ms" in rec  # the last round's clocks
+        now = [r["simulated_host_now_s"] for r in rec["rounds"]]
+        assert rec["simulated_host_s"] == max(now) == rec["replay_terms_s"]["+ host speed now"]
+        assert len(rec["host_chain_us"]["rounds"]) == 2
