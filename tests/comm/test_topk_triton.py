@@ -109,7 +109,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
         (tt._hist_kernel, {"x": f32, "hist": i32, "part": i32, **runtime, "LEVEL": c,
                            "BLOCK": c, "CHUNK": c},
          {"LEVEL": lv, "BLOCK": 32768, "CHUNK": tt.CHUNK})
-        for lv in (1, 2, 3)
+        for lv in (1, 2, 3, 4, 5)
     ]  # fmt: skip
     kernels.append(
         (tt._count_kernel, {"hist": i32, "part": i32, "counts": i32, "k": "i32", "nblk": "i32"}, {})

@@ -294,7 +294,7 @@ class TopKCompressor(_BatchedCompressor):
     carry 0 and point at the last element (decoding adds, so they change nothing).
 
     ``selection`` picks how the global top-k is found: ``"exact"`` is one ``torch.topk``;
-    ``"triton"`` is a radix select in four passes over the row that writes the payload
+    ``"triton"`` is a radix select in six passes over the row that writes the payload
     directly (:mod:`scaledl.comm.topk_triton`; CUDA, rows of 65536 elements or more, else
     ``torch.topk``). Both select the k largest magnitudes; they can differ only in which of
     several elements tied at the k-th magnitude are kept (``"triton"`` keeps the lowest
