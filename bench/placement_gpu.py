@@ -273,8 +273,12 @@ def run_configuration(
             spent = host_clock_step(pm, step, devices)
             extra["host_launch_by_device"] = launch_stats(spent, pm.device_of)
             extra["slowest_launches_ms"] = slowest_launches(spent)
-            # Which autograd thread ran which backward first: the replay's task order.
-            extra["backward_starts_ms"] = backward_starts(pm, step, devices)
+            try:  # a diagnostic: its failure must not cost the measurement
+                # Which autograd thread ran which backward first: the replay's task order.
+                extra["backward_starts_ms"] = backward_starts(pm, step, devices)
+            except Exception as exc:
+                traceback.clear_frames(exc.__traceback__)
+                extra["backward_starts_error"] = error_text(exc)
         if diagnose:
             extra["host_launches_ms"] = [
                 [name, pm.device_of[name], round(sec * 1e3, 4)] for name, sec in spent
