@@ -49,7 +49,6 @@ COMPRESSORS = [
     ("onebit", "onebit", {}),
     ("topk 0.1%", "topk", {"ratio": 0.001}),
     ("topk 1%", "topk", {"ratio": 0.01}),
-    ("topk 1% exact-select", "topk", {"ratio": 0.01, "selection": "exact"}),
     ("topk 1% chunk 4096 (approx.)", "topk", {"ratio": 0.01, "chunk": 4096}),
     ("randomk 1%", "randomk", {"ratio": 0.01}),
     ("dithering linear s=127 (int8)", "dithering", {"levels": 127}),
@@ -62,7 +61,6 @@ COMPRESSORS = [
 EF_PIPELINES = [
     ("onebit", "onebit", {}),
     ("topk 1%", "topk", {"ratio": 0.01}),
-    ("topk 1% exact-select", "topk", {"ratio": 0.01, "selection": "exact"}),
     ("randomk 1%", "randomk", {"ratio": 0.01}),
     ("fp16 cast", "fp16", {}),
 ]

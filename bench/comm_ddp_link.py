@@ -85,11 +85,6 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
         "ours topk 1% two-way", {"compressor": "topk", "compressor_kwargs": {"ratio": 0.01}}
     ),
     (
-        "ours topk 1% two-way exact-select",
-        "ours",
-        {"compressor": "topk", "compressor_kwargs": {"ratio": 0.01, "selection": "exact"}},
-    ),
-    (
         "ours topk 1% chunk-4096 two-way (approx.)",
         "ours",
         {"compressor": "topk", "compressor_kwargs": {"ratio": 0.01, "chunk": 4096}},

@@ -292,25 +292,11 @@ class TopKCompressor(_BatchedCompressor):
     runs in parallel, instead of one large selection. The payload layout is the same (k is
     the number of chunks times the per-chunk count); indices that fall into the padding
     carry 0 and point at the last element (decoding adds, so they change nothing).
-
-    ``selection`` picks how the global top-k is found: ``"exact"`` is one ``torch.topk``;
-    ``"triton"`` is a radix select in six passes over the row that writes the payload
-    directly (:mod:`scaledl.comm.topk_triton`; CUDA, rows of 65536 elements or more, else
-    ``torch.topk``). Both select the k largest magnitudes; they can differ only in which of
-    several elements tied at the k-th magnitude are kept (``"triton"`` keeps the lowest
-    indices, ``torch.topk`` any). ``"auto"`` (default) is ``"triton"`` where Triton is
-    installed.
     """
 
     name = "topk"
-    selection = "exact"  # objects pickled before the option existed
 
-    def __init__(
-        self,
-        ratio: float | int = 0.01,
-        chunk: int | None = None,
-        selection: str = "auto",
-    ) -> None:
+    def __init__(self, ratio: float | int = 0.01, chunk: int | None = None) -> None:
         self.keep = _check_count_spec(ratio, "top-k ratio")
         if chunk is not None:
             if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -318,21 +304,6 @@ class TopKCompressor(_BatchedCompressor):
             if self.keep >= 1:
                 raise ValueError("chunked top-k needs a fractional ratio (below 1)")
         self.chunk = chunk
-        if selection not in ("auto", "exact", "triton"):
-            raise ValueError(
-                f"top-k selection must be 'auto', 'exact' or 'triton', got {selection!r}"
-            )
-        from scaledl.comm import topk_triton
-
-        if selection == "triton" and (topk_triton.triton is None or chunk is not None):
-            raise ValueError(
-                "top-k selection='triton' needs triton installed and no chunk"
-                if chunk is None
-                else "top-k selection='triton' and chunk are exclusive"
-            )
-        if selection == "auto":
-            selection = "exact" if topk_triton.triton is None or chunk else "triton"
-        self.selection = selection
 
     def _chunks(self, numel: int) -> tuple[int, int, int]:
         """(chunk length, number of chunks, kept per chunk) of the chunked variant."""
@@ -357,13 +328,7 @@ class TopKCompressor(_BatchedCompressor):
             idx, vals = self._chunked_topk(x)
         else:
             k = self.k(x.shape[1])
-            if self.selection == "triton":
-                from scaledl.comm import topk_triton
-
-                payload = topk_triton.topk_payload(x.contiguous(), k)
-                if payload is not None:
-                    return payload
-            idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices  # all rows at once
+            idx = torch.topk(x.abs(), k, dim=1, sorted=False).indices  # one topk for all rows
             vals = x.gather(1, idx)
         return torch.cat([idx.to(torch.int32).view(torch.uint8), vals.view(torch.uint8)], dim=1)
 
@@ -405,7 +370,7 @@ class TopKCompressor(_BatchedCompressor):
 
     def __repr__(self) -> str:
         extra = "" if self.chunk is None else f", chunk={self.chunk}"
-        return f"TopKCompressor(ratio={self.keep!r}{extra}, selection={self.selection!r})"
+        return f"TopKCompressor(ratio={self.keep!r}{extra})"
 
 
 # ------------------------------------------------------------------------------ random-k
