@@ -761,6 +761,28 @@ def chain_now(
 CHAIN_PAIR = ("one device", "alternating")
 
 
+def drifted(cost: float, ref: float, now: float, drift: str = "bounded") -> float:
+    """A host cost per launch (s) at the host's speed now, from the calibration chain's cost
+    per launch when the model was calibrated (``ref``) and now (``now``).
+
+    ``drift="bounded"``: the launch changes by what a chain launch changed, ``now - ref``, but
+    by no more than the chain's relative change applied to the launch itself, ``cost * (now /
+    ref - 1)``: ``cost + (now - ref) * min(1, cost / ref)``. A launch cheaper than a chain
+    launch scales with the chain; a costlier one (a Transformer layer's ~1 ms against a chain
+    launch's ~25 us) is not given the chain's relative change, which would amplify the noise of
+    one short chain timing by their ratio: on the recorded 2x H200 run (bd56be8) the chain's
+    forward launch re-timed 1.5x slower while its backward task re-timed 0.85x, and the
+    Transformer's measured host time did not follow. ``drift="ratio"``: the earlier model,
+    ``cost * now / ref``."""
+    if drift not in ("bounded", "ratio"):
+        raise ValueError(f"drift must be 'bounded' or 'ratio', got {drift!r}")
+    if ref <= 0:
+        return cost
+    if drift == "ratio":
+        return cost * now / ref
+    return cost + (now - ref) * min(1.0, cost / ref)
+
+
 def host_at(
     timing: HostTiming,
     ref: tuple[HostTiming, ...],
@@ -768,10 +790,12 @@ def host_at(
     barrier: str,
     multi: str = "extra",
     calibration: tuple[HostTiming, HostTiming] | None = None,
+    drift: str = "bounded",
 ) -> HostModel:
-    """The host model with the host's speed now: the model's one-device costs scaled by the
-    calibration chain's one-device per-launch cost now (``now[0]``) over when the model was
-    calibrated (``ref[0]``; the optimizer's host time as the forward's). The host's speed
+    """The host model with the host's speed now: the model's one-device costs per forward
+    launch and backward task moved by the calibration chain's one-device cost per launch now
+    (``now[0]``) against when the model was calibrated (``ref[0]``) as :func:`drifted` says
+    (``drift``); the optimizer step's host time moves as one forward launch. The host's speed
     drifts during a run (2 H200s: the same placement measured 15.2 and 22.7 ms of forward
     host time).
 
@@ -784,12 +808,12 @@ def host_at(
     the host's speed: on the recorded 2x H100 run it put the Inception expert 3.2 points
     further off."""
     (f0, b0), (f1, b1) = ref[0].per_launch, now[0].per_launch
-    speed_f = f1 / f0 if f0 > 0 else 1.0
+    forward, backward = timing.per_launch
     scaled = dataclasses.replace(
         timing,
-        forward_s=timing.forward_s * speed_f,
-        backward_s=timing.backward_s * b1 / b0 if b0 > 0 else timing.backward_s,
-        optimizer_s=timing.optimizer_s * speed_f,
+        forward_s=drifted(forward, f0, f1, drift) * timing.forward_launches,
+        backward_s=drifted(backward, b0, b1, drift) * timing.backward_tasks,
+        optimizer_s=drifted(timing.optimizer_s, f0, f1, drift),
     )
     pair: tuple[HostTiming, HostTiming] | None = None
     if calibration is not None:

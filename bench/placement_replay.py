@@ -9,7 +9,8 @@ device's host cost, copy/compute contention, the host re-timed right before the 
 configuration's own measured host costs. The calibrations come from the run's JSON;
 ``--multi-forward`` and friends override them to see what a term would need to be;
 ``--two-device-costs now --multi-device factor`` replays what runs recorded before 2026-11-27
-used for their ``sim+host``. Runs on CPU in seconds::
+used for their ``sim+host``; ``--host-drift ratio`` the host speed scaling of runs made before
+the bounded drift (commit bd56be8 and earlier). Runs on CPU in seconds::
 
     PYTHONPATH=src python bench/placement_replay.py bench/results/placement_gpu.json
     PYTHONPATH=src python bench/placement_replay.py RUN.json --multi-forward 1.5
@@ -153,14 +154,15 @@ def replay_model(
             # now (the benchmark's model), or the chain's alternating layout re-timed with it
             # (recorded by runs before 2026-11-27 only; their sim+host used it).
             cal = pair if getattr(args, "two_device_costs", "run") == "run" else None
+            drift = getattr(args, "host_drift", "bounded")
             drifts = [
                 dataclasses.replace(
                     bench.host_at(
-                        timing, ref, tuple(map(per_launch_timing, now)), barrier, multi, cal
+                        timing, ref, tuple(map(per_launch_timing, n)), barrier, multi, cal, drift
                     ),
                     **options,
                 )
-                for now in nows
+                for n in nows
             ]
             terms["+ host speed now"] = median_makespan(graph, gp, loaded, drifts, order)
             forward_w, backward_w = weights
@@ -195,6 +197,13 @@ def main() -> None:
         choices=("extra", "factor"),
         default="extra",
         help="the second device's host cost: added per launch (default) or the earlier factor",
+    )
+    ap.add_argument(
+        "--host-drift",
+        choices=("bounded", "ratio"),
+        default="bounded",
+        help="'+ host speed now': a launch moves by the chain's change per launch, at most its "
+        "relative change (default), or by the chain's ratio (the benchmark before 2026-11-27)",
     )
     ap.add_argument(
         "--host-weights",

@@ -283,32 +283,64 @@ def test_summary_compares_baechi_with_the_expert_on_its_own_memory_too(bench) ->
     assert "vs_expert_same_memory" not in bench.compare(records[:4])
 
 
-def test_host_speed_now_scales_the_model_costs_by_the_chain(bench) -> None:
+def test_drifted_moves_a_launch_by_the_chains_change_bounded_by_its_ratio(bench) -> None:
+    us = 1e-6
+    # A Transformer-like launch (1 ms) against a chain launch re-timed from 24 to 36 us: it
+    # moves by the chain's 12 us, not by the chain's 1.5x (which would add 500 us).
+    assert bench.drifted(1000 * us, 24 * us, 36 * us) == pytest.approx(1012 * us)
+    assert bench.drifted(1000 * us, 24 * us, 36 * us, "ratio") == pytest.approx(1500 * us)
+    # A launch cheaper than a chain launch moves with the chain's ratio (here 0.5x and 1.5x).
+    assert bench.drifted(10 * us, 100 * us, 50 * us) == pytest.approx(5 * us)
+    assert bench.drifted(10 * us, 100 * us, 150 * us) == pytest.approx(15 * us)
+    # A faster host: the chain's change (-50 us), at most half of the launch's own 60 us.
+    assert bench.drifted(60 * us, 100 * us, 50 * us) == pytest.approx(30 * us)
+    assert bench.drifted(300 * us, 100 * us, 50 * us) == pytest.approx(250 * us)
+    # Always positive; no reference leaves the cost as it was.
+    assert bench.drifted(5 * us, 100 * us, 1 * us) == pytest.approx(0.05 * us)
+    assert bench.drifted(7 * us, 0.0, 50 * us) == 7 * us
+    with pytest.raises(ValueError, match="drift must be 'bounded' or 'ratio'"):
+        bench.drifted(1.0, 1.0, 1.0, "linear")
+
+
+def test_host_speed_now_moves_the_model_costs_with_the_chain(bench) -> None:
     ms = 1e-3
     timing = bench.HostTiming(10 * ms, 50, 6 * ms, 40, 1 * ms)  # 200 / 150 us per launch
     ref = (bench.HostTiming(1 * ms, 10, 2 * ms, 20), bench.HostTiming(3 * ms, 20, 5 * ms, 25))
     now = (bench.HostTiming(2 * ms, 10, 3 * ms, 20), bench.HostTiming(3 * ms, 10, 3 * ms, 10))
     h = bench.host_at(timing, ref, now, "deferred")
-    # The chain's one-device launch now costs 2x (forward) and 1.5x (backward) of the
-    # reference: the model's costs follow; the second device adds what it adds to the chain
-    # now (300 - 200 us per launch, 300 - 150 us per task); a copy costs a chain launch now.
-    assert h.forward_s == pytest.approx(0.4 * ms) and h.backward_s == pytest.approx(0.225 * ms)
+    # The chain's one-device launch went from 100 to 200 us (forward) and 100 to 150 us
+    # (backward): the model's 200 us launch and 150 us task, both costlier than a chain launch,
+    # gain those 100 and 50 us; the optimizer step (1 ms) gains a forward launch's 100 us. The
+    # second device adds what it adds to the chain now (300 - 200 us per launch, 300 - 150 us
+    # per task); a copy costs a chain launch now.
+    assert h.forward_s == pytest.approx(0.3 * ms) and h.backward_s == pytest.approx(0.2 * ms)
+    assert h.optimizer_s == pytest.approx(1.1 * ms)
     assert h.extra_forward_s == pytest.approx(0.1 * ms)
     assert h.extra_backward_s == pytest.approx(0.15 * ms)
     assert h.copy_s == pytest.approx(0.2 * ms)
     assert (h.multi_forward, h.multi_backward) == (1.0, 1.0)
     assert h.backward_threads == "shared" and h.grad_copies == "deferred"
-    assert h.optimizer_s == pytest.approx(2 * ms)
+    # The earlier scaling: the chain's ratios (2 and 1.5) on the model's costs.
+    r = bench.host_at(timing, ref, now, "deferred", drift="ratio")
+    assert r.forward_s == pytest.approx(0.4 * ms) and r.backward_s == pytest.approx(0.225 * ms)
+    assert r.optimizer_s == pytest.approx(2 * ms)
+    # Launches cheaper than the chain's (50 us, 50 us, optimizer 50 us) follow its ratios.
+    cheap = bench.host_at(
+        bench.HostTiming(0.5 * ms, 10, 0.5 * ms, 10, 0.05 * ms), ref, now, "deferred"
+    )
+    assert cheap.forward_s == pytest.approx(0.1 * ms)
+    assert cheap.backward_s == pytest.approx(0.075 * ms)
+    assert cheap.optimizer_s == pytest.approx(0.1 * ms)
     # The earlier model: the chain's ratios now (1.5, 2) as factors.
     f = bench.host_at(timing, ref, now, "deferred", "factor")
     assert (f.multi_forward, f.multi_backward) == (pytest.approx(1.5), pytest.approx(2.0))
-    assert f.forward_s == pytest.approx(0.4 * ms) and f.extra_forward_s == 0.0
+    assert f.forward_s == pytest.approx(0.3 * ms) and f.extra_forward_s == 0.0
     # The benchmark's model: only the one-device chain is re-timed; the run's calibration
     # (alternating / one device: 300 / 200 = 1.5 per launch, 200 / 100 = 2 per task) at the
     # chain's launch now (200 / 150 us) gives the same 100 / 150 us for the second device.
     cal = (bench.HostTiming(2 * ms, 10, 1 * ms, 10), bench.HostTiming(3 * ms, 10, 2 * ms, 10))
     c = bench.host_at(timing, ref[:1], now[:1], "deferred", calibration=cal)
-    assert c.forward_s == pytest.approx(0.4 * ms) and c.backward_s == pytest.approx(0.225 * ms)
+    assert c.forward_s == pytest.approx(0.3 * ms) and c.backward_s == pytest.approx(0.2 * ms)
     assert c.extra_forward_s == pytest.approx(0.1 * ms)
     assert c.extra_backward_s == pytest.approx(0.15 * ms)
     assert c.copy_s == pytest.approx(0.2 * ms)
