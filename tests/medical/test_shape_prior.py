@@ -20,6 +20,7 @@ from scaledl.medical.shape_prior import (
     fill_low_evidence,
     gaussian_blur,
     grow_closed_regions,
+    joint_bilateral_filter,
     local_memory_evidence,
     match_displacement,
     match_evidence,
@@ -772,3 +773,61 @@ def test_match_gate_positional_evidence_from_the_bank_maps(tmp_path):
         torch.testing.assert_close(free.match_evidence(x, t), ref)
     with pytest.raises(ValueError, match="match_radius"):
         ShapePriorNet(3, match_radius=-1, **kw)
+
+
+def test_joint_bilateral_filter_hand_computed_and_edge_snapping():
+    # 1 x 3 image, radius 1: x = 0 sees itself and x = 1 (x = -1 is outside the image)
+    maps = torch.tensor([[[[1.0, 0.0, 4.0]]]])
+    guide = torch.tensor([[[[0.0, 0.0, 1.0]]]])
+    out = joint_bilateral_filter(maps, guide, sigma_space=1.0, sigma_range=1.0, radius=1)
+    ws, wr = math.exp(-0.5), math.exp(-0.5)  # one pixel away; one intensity unit apart
+    expected = [
+        (1.0 + ws * 0.0) / (1 + ws),
+        (ws * 1.0 + 0.0 + ws * wr * 4.0) / (ws + 1 + ws * wr),
+        (ws * wr * 0.0 + 4.0) / (ws * wr + 1),
+    ]
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor(expected))
+    # a constant map stays constant whatever the guide
+    g = torch.Generator().manual_seed(0)
+    guide = torch.rand(2, 3, 9, 7, generator=g)
+    const = torch.full((2, 2, 9, 7), 0.3)
+    torch.testing.assert_close(joint_bilateral_filter(const, guide, 2.0, 0.1), const)
+    # a blurred step snaps back to the guide's edge: across the edge the weights vanish
+    step = torch.zeros(1, 1, 12, 12)
+    step[..., :, 6:] = 1.0
+    blurred = gaussian_blur(step, 1.5)
+    snapped = joint_bilateral_filter(blurred, step, sigma_space=3.0, sigma_range=0.01)
+    # each side is a convex combination of its own side's values only
+    assert (snapped[..., :6] <= blurred[..., :6].amax() + 1e-6).all()
+    assert (snapped[..., 6:] >= blurred[..., 6:].amin() - 1e-6).all()
+    jump = snapped[..., 6] - snapped[..., 5]
+    assert (jump > 0.55).all() and (blurred[..., 6] - blurred[..., 5] < 0.3).all()
+    with pytest.raises(ValueError, match="same B, H and W"):
+        joint_bilateral_filter(maps, torch.zeros(1, 1, 2, 3), 1.0, 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        joint_bilateral_filter(maps, maps, 0.0, 1.0)
+
+
+def test_match_gate_follows_the_image_edges():
+    x, t, m = _inputs(b=2)
+    kw = {"features": TINY, "match_gate": True, "match_templates": 1}
+    net = ShapePriorNet(3, match_quantiles=(0.2, 0.5), **kw).eval()
+    net.calibrate_match_gate(torch.cat([x, t]), torch.cat([t, x]))
+    with torch.no_grad():
+        emb, temb = net.prior_matcher(x), net.prior_matcher(t)
+        sim = _pairwise_cosine(emb, temb)
+        e = net._evidence(emb, sim)
+        coarse, w0 = net._match_gate_prior(e, sim, temb.shape[-2:], m, (32, 32), emb)
+        g, w1 = net._match_gate_prior(e, sim, temb.shape[-2:], m, (32, 32), emb, x)
+        assert (coarse < 1).any() and not torch.equal(g, coarse)
+        sigma = net.match_edge_sigma * 32
+        torch.testing.assert_close(g, joint_bilateral_filter(coarse, x, sigma, 0.05))
+        torch.testing.assert_close(w0, w1)  # only the gate changes
+        # the full forward pass hands the image over
+        _, gate = net.label_prior_map(emb, t, m, (32, 32), return_gate=True, image=x)
+        torch.testing.assert_close(gate, g)
+        net.match_edge_sigma = 0.0  # off: the bilinearly upsampled coarse gate
+        g_off, _ = net._match_gate_prior(e, sim, temb.shape[-2:], m, (32, 32), emb, x)
+        torch.testing.assert_close(g_off, coarse)
+    with pytest.raises(ValueError, match="match_edge_range"):
+        ShapePriorNet(3, match_edge_range=0.0, **kw)

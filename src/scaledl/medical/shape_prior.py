@@ -191,6 +191,54 @@ def grow_closed_regions(
     return grown
 
 
+def joint_bilateral_filter(
+    maps: torch.Tensor,
+    guide: torch.Tensor,
+    sigma_space: float,
+    sigma_range: float,
+    radius: int | None = None,
+) -> torch.Tensor:
+    """Edge-aware smoothing of (B, C, H, W) ``maps`` guided by an image (B, G, H, W): the
+    weighted mean over the (2r + 1)² window around x with weights
+    exp(-|x - y|² / 2σ_s²) · exp(-|I(x) - I(y)|² / 2σ_r²) (σ_s in pixels, σ_r in intensity
+    units, squared distance summed over the guide's channels; positions outside the image are
+    left out; r defaults to ceil(2σ_s)). A coarse map upsampled to full size follows the image's
+    edges afterwards: each pixel takes the value of the neighbours that look like it."""
+    if maps.ndim != 4 or guide.ndim != 4 or maps.shape[::2] != guide.shape[::2]:
+        raise ValueError(
+            f"maps {tuple(maps.shape)} and guide {tuple(guide.shape)} must be (B, C, H, W) "
+            "with the same B, H and W"
+        )
+    if maps.shape[-1] != guide.shape[-1]:
+        raise ValueError(f"maps and guide differ in width: {maps.shape[-1]} vs {guide.shape[-1]}")
+    if sigma_space <= 0 or sigma_range <= 0:
+        raise ValueError(
+            f"sigma_space and sigma_range must be positive, got {sigma_space}, {sigma_range}"
+        )
+    r = math.ceil(2 * sigma_space) if radius is None else radius
+    if r < 0:
+        raise ValueError(f"radius must be >= 0, got {r}")
+    h, w = maps.shape[-2:]
+    guide = guide.to(maps.dtype)
+    pad = (r, r, r, r)
+    mp, gp = F.pad(maps, pad), F.pad(guide, pad)
+    inside = F.pad(torch.ones_like(maps[:, :1]), pad)
+    num = torch.zeros_like(maps)
+    den = torch.zeros_like(maps[:, :1])
+    # one offset at a time: memory stays O(B·C·H·W) whatever the window
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            win = (slice(None), slice(None), slice(r + dy, r + dy + h), slice(r + dx, r + dx + w))
+            diff = ((gp[win] - guide) ** 2).sum(1, keepdim=True)
+            wgt = torch.exp(
+                -(dy * dy + dx * dx) / (2 * sigma_space**2) - diff / (2 * sigma_range**2)
+            )
+            wgt = wgt * inside[win]
+            num = num + wgt * mp[win]
+            den = den + wgt
+    return num / den
+
+
 def match_displacement(
     sim: torch.Tensor, image_hw: Sequence[int], template_hw: Sequence[int], tau: float
 ) -> torch.Tensor:
@@ -467,6 +515,11 @@ class ShapePriorNet(nn.Module):
             templates (the clean training images stored by :meth:`calibrate_match_gate`, those
             whose embeddings best match the image where the gate is open), each warped by its
             own match displacement, instead of the given template alone (1).
+        match_edge_sigma, match_edge_range: the coarse gate, upsampled to the image, is
+            snapped to the image's edges by a joint bilateral filter
+            (:func:`joint_bilateral_filter`) of spatial σ ``match_edge_sigma`` × the image
+            height and intensity σ ``match_edge_range``, so a closed region ends where the
+            occluder does, not a coarse pixel beyond; ``match_edge_sigma=0`` turns it off.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -508,6 +561,8 @@ class ShapePriorNet(nn.Module):
         match_grow_quantiles: Sequence[float] | None = (0.001, 0.01),
         match_templates: int = 5,
         match_radius: int = 4,
+        match_edge_sigma: float = 0.023,
+        match_edge_range: float = 0.05,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -567,6 +622,8 @@ class ShapePriorNet(nn.Module):
             ("match_smooth", match_smooth, match_smooth >= 0, ">= 0"),
             ("match_tau", match_tau, match_tau > 0, "positive"),
             ("match_blur", match_blur, 0 <= match_blur < 1, "in [0, 1)"),
+            ("match_edge_sigma", match_edge_sigma, 0 <= match_edge_sigma < 1, "in [0, 1)"),
+            ("match_edge_range", match_edge_range, match_edge_range > 0, "positive"),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {value}")
@@ -607,6 +664,8 @@ class ShapePriorNet(nn.Module):
             ),
             "match_templates": match_templates,
             "match_radius": match_radius,
+            "match_edge_sigma": match_edge_sigma,
+            "match_edge_range": match_edge_range,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -662,6 +721,8 @@ class ShapePriorNet(nn.Module):
         )
         self.match_templates = int(match_templates)
         self.match_radius = int(match_radius)
+        self.match_edge_sigma = float(match_edge_sigma)
+        self.match_edge_range = float(match_edge_range)
         if match_gate:
             # thresholds of the match gate, set by calibrate_match_gate on clean training
             # pairs; until then the gate is open everywhere (cosines are >= -1 > -2)
@@ -753,11 +814,13 @@ class ShapePriorNet(nn.Module):
         template_masks: torch.Tensor,
         size: Sequence[int],
         return_gate: bool = False,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """The template's labels transferred to the image, P (B, K + 1, *size), rows sum to 1.
 
         ``image_embedding`` is ``prior_matcher(image)``; background is channel 0. With
-        ``return_gate`` also the evidence gate (B, 1, *size) (None without ``evidence_gate``).
+        ``return_gate`` also the evidence gate (B, 1, *size) (None without ``evidence_gate``
+        or ``match_gate``). The match gate is snapped to the edges of ``image`` when given.
         """
         temb = self.prior_matcher(template)
         masks = template_masks.to(temb.dtype)
@@ -775,7 +838,7 @@ class ShapePriorNet(nn.Module):
             if self.match_gate:
                 ev = self._evidence(image_embedding, sim)
                 g, warped = self._match_gate_prior(
-                    ev, sim, temb.shape[-2:], masks, size, image_embedding
+                    ev, sim, temb.shape[-2:], masks, size, image_embedding, image
                 )
                 p = g * p + (1 - g) * warped
                 gate = g
@@ -857,12 +920,14 @@ class ShapePriorNet(nn.Module):
         masks: torch.Tensor,
         size: Sequence[int],
         image_embedding: torch.Tensor,
+        image: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The match gate g (B, 1, *size) and the prior used where it is closed: the template's
         full-resolution masks warped by the match displacement, with the displacement under
         low-evidence positions interpolated from the trusted ones around them (an occluder's
         own matches are wrong, but the anatomy around it still says where the template's
-        structures lie); with an atlas, the mean of ``match_templates`` such warps."""
+        structures lie); with an atlas, the mean of ``match_templates`` such warps. With
+        ``image`` (B, C, *size), the upsampled gate follows its edges."""
         image_hw = evidence.shape[-2:]
         g = evidence_gate(evidence, self.match_low, self.match_high)
         if self.match_grow_quantiles is not None:
@@ -881,7 +946,15 @@ class ShapePriorNet(nn.Module):
         else:
             warped = warp(sim, masks, template_hw)
         warped = with_background(gaussian_blur(warped, self.match_blur * size[0]))
-        return F.interpolate(g, **up), warped
+        g = F.interpolate(g, **up)
+        # an open gate stays open (and training, before calibration, pays nothing)
+        if image is not None and self.match_edge_sigma > 0 and bool(g.min() < 1):
+            if image.shape[-2:] != tuple(size):
+                raise ValueError(f"image {tuple(image.shape)} does not match size {tuple(size)}")
+            g = joint_bilateral_filter(
+                g, image, self.match_edge_sigma * size[0], self.match_edge_range
+            )
+        return g, warped
 
     def _atlas_warp(self, image_embedding, gate, size, warp) -> torch.Tensor:
         """Mean of the atlas masks warped by their own match displacements, over the
@@ -1070,7 +1143,7 @@ class ShapePriorNet(nn.Module):
         if self.has_label_prior:
             emb = self.prior_matcher(image)
             prior, gate = self.label_prior_map(
-                emb, template, template_masks, image.shape[-2:], return_gate=True
+                emb, template, template_masks, image.shape[-2:], return_gate=True, image=image
             )
         feats = self.image_encoder(image)
         return self.decode(feats, tfeats, template_masks, prior, gate), prior
@@ -1122,7 +1195,9 @@ class ShapePriorNet(nn.Module):
             t, m = templates[:, j], template_masks[:, j]
             prior = gate = None
             if emb is not None:
-                prior, gate = self.label_prior_map(emb, t, m, image.shape[-2:], return_gate=True)
+                prior, gate = self.label_prior_map(
+                    emb, t, m, image.shape[-2:], return_gate=True, image=image
+                )
             logits = self.decode(feats, self.encode_template(t, m), m, prior, gate)
             probs = probs + torch.softmax(logits, 1)
         return probs / n
