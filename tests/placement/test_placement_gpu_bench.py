@@ -437,48 +437,32 @@ def test_offline_replay_rebuilds_the_runs_configurations(bench) -> None:
     for rec in run["models"][0]["records"]:
         rec["host_chain_us"] = {"reference": chain, "now": chain, "rounds": rounds}
     args = argparse.Namespace(multi_forward=None, multi_backward=None, copy_slowdown=None)
-    timed = replay.replay_model(run, run["models"][0], args)
     ref = tuple(replay.per_launch_timing(x) for x in chain)
-    for r in timed:
-        gp = bench.graph_placement(graph, cands[r["placement"]]["fx"])
-        order = (
-            cands[r["placement"]].get("order") or bench.simulate(graph, gp, cluster).launch_order()
-        )
-        each = [
-            bench.simulate(
-                graph,
-                gp,
-                loaded,
-                host=bench.host_at(
-                    timing, ref, tuple(map(replay.per_launch_timing, x)), "deferred"
-                ),
-                order=order,
-            ).makespan
+
+    def check_median_of_rounds(*host_args):
+        # "+ host speed now" is the median of the rounds' replays, each at its chain timing
+        hosts = [
+            bench.host_at(timing, ref, tuple(map(replay.per_launch_timing, x)), *host_args)
             for x in rounds
         ]
-        assert r["+ host speed now"] == pytest.approx(sorted(each)[1]), r["placement"]
+        for r in replay.replay_model(run, run["models"][0], args):
+            gp = bench.graph_placement(graph, cands[r["placement"]]["fx"])
+            fallback = bench.simulate(graph, gp, cluster).launch_order()
+            order = cands[r["placement"]].get("order") or fallback
+            each = [bench.simulate(graph, gp, loaded, host=h, order=order).makespan for h in hosts]
+            assert r["+ host speed now"] == pytest.approx(sorted(each)[1]), r["placement"]
+        return hosts
+
+    check_median_of_rounds("deferred")
     # With the run's calibration chain recorded, the second device's cost comes from it (at
     # the host's speed now), not from the re-timed alternating layout.
     cal = (bench.HostTiming(1e-3, 10, 1e-3, 10), bench.HostTiming(3e-3, 10, 1e-3, 10))
     run["host_calibration"] = {
         "linear": {"timings": dict(zip(bench.CHAIN_PAIR, map(dataclasses.asdict, cal)))}
     }
-    timed = replay.replay_model(run, run["models"][0], args)
-    for r in timed:
-        gp = bench.graph_placement(graph, cands[r["placement"]]["fx"])
-        order = (
-            cands[r["placement"]].get("order") or bench.simulate(graph, gp, cluster).launch_order()
-        )
-        hosts = [
-            bench.host_at(
-                timing, ref, tuple(map(replay.per_launch_timing, x)), "deferred", "extra", cal
-            )
-            for x in rounds
-        ]
-        each = [bench.simulate(graph, gp, loaded, host=h, order=order).makespan for h in hosts]
-        assert r["+ host speed now"] == pytest.approx(sorted(each)[1]), r["placement"]
-        # alternating / one device = 3: the second device adds two chain launches per launch
-        assert hosts[0].extra_forward_s == pytest.approx(2e-4)
+    hosts = check_median_of_rounds("deferred", "extra", cal)
+    # alternating / one device = 3: the second device adds two chain launches per launch
+    assert hosts[0].extra_forward_s == pytest.approx(2e-4)
     # An older run without them: the forward weights come from the one-device configuration's
     # host clock (``--diagnose``), there are no backward ones.
     older = {"models": [{"model": "branches", "records": [{"placement": "m-etf"}]}]}
