@@ -197,6 +197,8 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
                 "--out",
                 model,
                 "--match-gate",
+                "--anomaly-iters",
+                "2",
                 *common,
             ]
         )
@@ -265,7 +267,7 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
 
 def test_training_calibrates_the_match_gate_on_held_out_clean_images(data):
     net = ShapePriorNet(data.num_classes, features=(2, 4, 4, 8, 8), match_gate=True)
-    train_segmenter(net, data, TrainConfig(iterations=2, batch_size=2))
+    train_segmenter(net, data, TrainConfig(iterations=2, batch_size=2, anomaly_iterations=2))
     # 2/3 of the images fill the bank (one embedding per coarse position), the rest calibrate
     n_bank = round(2 / 3 * len(data))
     h = data.images.shape[-1] // net.config["prior_pool"]

@@ -105,7 +105,13 @@ def _train(args: argparse.Namespace) -> None:
         prior=args.prior,
         match_gate=args.match_gate,
     )
-    cfg = TrainConfig(iterations=args.iters, batch_size=args.batch, lr=args.lr, seed=args.seed)
+    cfg = TrainConfig(
+        iterations=args.iters,
+        batch_size=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        anomaly_iterations=args.anomaly_iters,
+    )
     losses = train_segmenter(
         model,
         data,
@@ -254,6 +260,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let the template prior decide where the image matches no anatomy seen in clean "
         "training images (e.g. an occluder); calibrated on the training data after training",
+    )
+    t.add_argument(
+        "--anomaly-iters",
+        type=int,
+        default=600,
+        help="with --match-gate: iterations of the denoising autoencoder whose residual also "
+        "closes the gate (0 = off)",
     )
     t.set_defaults(func=_train)
 

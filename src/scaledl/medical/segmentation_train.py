@@ -38,7 +38,8 @@ class TrainConfig:
     """Optimisation settings. ``optimizer="sgd"`` is nnU-Net's (Nesterov 0.99, lr 1e-2, poly);
     ``"adam"`` converges faster in the short runs used on CPU. ``amp`` trains in bfloat16
     autocast on CUDA (ignored on CPU). ``prior_loss_weight`` weights the same Dice + CE loss on
-    a ShapePriorNet's label prior alone (auxiliary; 0 turns it off)."""
+    a ShapePriorNet's label prior alone (auxiliary; 0 turns it off). ``anomaly_iterations``:
+    training iterations of a match gate's anomaly autoencoder (0 leaves the evidence off)."""
 
     iterations: int = 300
     batch_size: int = 8
@@ -49,6 +50,7 @@ class TrainConfig:
     amp: bool = True
     seed: int = 0
     prior_loss_weight: float = 1.0
+    anomaly_iterations: int = 600
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1:
@@ -59,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.prior_loss_weight < 0:
             raise ValueError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
+        if self.anomaly_iterations < 0:
+            raise ValueError(f"anomaly_iterations must be >= 0, got {self.anomaly_iterations}")
 
 
 def one_hot_foreground(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -162,8 +166,28 @@ def train_segmenter(
         sched.step()
         losses.append(float(loss.detach()))
     if uses_template(model) and model.match_gate:
+        if model.anomaly is not None and cfg.anomaly_iterations > 0:
+            # the autoencoder learns from the bank's images only, so the calibration images
+            # that set its threshold are unseen, like the test images
+            bank, _ = calibration_split(n, seed=cfg.seed)
+            model.fit_anomaly(images[bank.to(device)], cfg.anomaly_iterations, cfg.seed, device)
         calibrate_match_gate(model, data, seed=cfg.seed, device=device)
     return losses
+
+
+def calibration_split(
+    n: int, bank_fraction: float = 2 / 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training images that fill the match gate's memory bank (and train its
+    anomaly autoencoder) and of the held-out ones that calibrate its thresholds; a seeded
+    permutation, so :func:`calibrate_match_gate` and :func:`train_segmenter` agree."""
+    if n < 2:
+        raise ValueError("calibrating the match gate needs at least 2 training images")
+    if not 0 < bank_fraction < 1:
+        raise ValueError(f"bank_fraction must be in (0, 1), got {bank_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    n_bank = min(n - 1, max(1, round(bank_fraction * n)))
+    return perm[:n_bank], perm[n_bank:]
 
 
 @torch.no_grad()
@@ -183,14 +207,11 @@ def calibrate_match_gate(
     their masks) become the atlas of the closed-gate prior. Called by :func:`train_segmenter`;
     returns the (low, high) thresholds."""
     n = len(data)
-    if n < 2:
-        raise ValueError("calibrating the match gate needs at least 2 training images")
-    if not 0 < bank_fraction < 1:
-        raise ValueError(f"bank_fraction must be in (0, 1), got {bank_fraction}")
+    bank, calib = calibration_split(n, bank_fraction, seed)
+    # the generator continues after the split's permutation (same draws as before the split
+    # was factored out)
     gen = torch.Generator().manual_seed(seed + 1)
-    perm = torch.randperm(n, generator=gen)
-    n_bank = min(n - 1, max(1, round(bank_fraction * n)))
-    bank, calib = perm[:n_bank], perm[n_bank:]
+    torch.randperm(n, generator=gen)
     tidx = (calib + torch.randint(1, n, (len(calib),), generator=gen)) % n
     images = torch.as_tensor(data.images)
     model.to(device)

@@ -56,6 +56,8 @@ import torch.nn.functional as F
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 
+from scaledl.medical.anomaly import DenoisingAutoencoder, train_denoising_autoencoder
+
 ATTENTIONS = ("prototype", "dense", "max")
 FUSIONS = ("concat", "gate", "both")
 PRIORS = ("attention", "affine", "both")
@@ -520,6 +522,15 @@ class ShapePriorNet(nn.Module):
             (:func:`joint_bilateral_filter`) of spatial σ ``match_edge_sigma`` × the image
             height and intensity σ ``match_edge_range``, so a closed region ends where the
             occluder does, not a coarse pixel beyond; ``match_edge_sigma=0`` turns it off.
+        match_anomaly: with the match gate, a denoising autoencoder trained on the clean
+            training images (:meth:`fit_anomaly`, run by ``train_segmenter``) also closes the
+            gate where its smoothed residual stands out (:mod:`scaledl.medical.anomaly`):
+            occluders that the embedding finds familiar but normal anatomy does not explain.
+        match_anomaly_quantile: the residual evidence's threshold is this quantile of its
+            clean distribution on held-out training images (:meth:`calibrate_match_gate`).
+        match_anomaly_sigma: Gaussian σ, as a fraction of the image height, smoothing the
+            signed residual (white noise averages out, an occluder does not).
+        anomaly_features: the six widths of the autoencoder's ``BasicUNet``.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -563,6 +574,10 @@ class ShapePriorNet(nn.Module):
         match_radius: int = 4,
         match_edge_sigma: float = 0.023,
         match_edge_range: float = 0.05,
+        match_anomaly: bool = True,
+        match_anomaly_quantile: float = 0.999,
+        match_anomaly_sigma: float = 0.016,
+        anomaly_features: Sequence[int] = (8, 16, 32, 64, 128, 8),
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -624,6 +639,13 @@ class ShapePriorNet(nn.Module):
             ("match_blur", match_blur, 0 <= match_blur < 1, "in [0, 1)"),
             ("match_edge_sigma", match_edge_sigma, 0 <= match_edge_sigma < 1, "in [0, 1)"),
             ("match_edge_range", match_edge_range, match_edge_range > 0, "positive"),
+            (
+                "match_anomaly_quantile",
+                match_anomaly_quantile,
+                0 < match_anomaly_quantile < 1,
+                "in (0, 1)",
+            ),
+            ("match_anomaly_sigma", match_anomaly_sigma, 0 <= match_anomaly_sigma < 1, "in [0, 1)"),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {value}")
@@ -666,6 +688,10 @@ class ShapePriorNet(nn.Module):
             "match_radius": match_radius,
             "match_edge_sigma": match_edge_sigma,
             "match_edge_range": match_edge_range,
+            "match_anomaly": match_anomaly,
+            "match_anomaly_quantile": match_anomaly_quantile,
+            "match_anomaly_sigma": match_anomaly_sigma,
+            "anomaly_features": list(anomaly_features),
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -723,6 +749,9 @@ class ShapePriorNet(nn.Module):
         self.match_radius = int(match_radius)
         self.match_edge_sigma = float(match_edge_sigma)
         self.match_edge_range = float(match_edge_range)
+        self.match_anomaly_quantile = float(match_anomaly_quantile)
+        self.match_anomaly_sigma = float(match_anomaly_sigma)
+        self.anomaly: DenoisingAutoencoder | None = None
         if match_gate:
             # thresholds of the match gate, set by calibrate_match_gate on clean training
             # pairs; until then the gate is open everywhere (cosines are >= -1 > -2)
@@ -739,6 +768,12 @@ class ShapePriorNet(nn.Module):
             # (N, H, W) of clean training images; empty until calibrated
             self.register_buffer("match_atlas_embeddings", torch.zeros(0, prior_dim, 1, 1))
             self.register_buffer("match_atlas_labels", torch.zeros(0, 1, 1, dtype=torch.uint8))
+            if match_anomaly:
+                # pixel-level anomaly evidence (anomaly.py), fitted on clean training images
+                # by fit_anomaly; off (threshold +inf) until trained and calibrated
+                self.anomaly = DenoisingAutoencoder(in_channels, anomaly_features)
+                self.register_buffer("match_anomaly_trained", torch.tensor(False))
+                self.register_buffer("match_anomaly_threshold", torch.tensor(math.inf))
         if label_prior:
             self.prior_matcher = PriorMatcher(
                 in_channels, prior_pool, prior_features, prior_dim, blk
@@ -910,6 +945,12 @@ class ShapePriorNet(nn.Module):
                     state_dict[key] = getattr(self, name)
             for name in ("match_grow_low", "match_grow_high"):
                 state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        if self.anomaly is not None and prefix + "match_anomaly_trained" not in state_dict:
+            # saved before the anomaly evidence existed: load with it off (untrained, +inf)
+            for key, value in self.anomaly.state_dict().items():
+                state_dict.setdefault(f"{prefix}anomaly.{key}", value.clone())
+            state_dict[prefix + "match_anomaly_trained"] = torch.tensor(False)
+            state_dict[prefix + "match_anomaly_threshold"] = torch.tensor(math.inf)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _match_gate_prior(
@@ -930,6 +971,15 @@ class ShapePriorNet(nn.Module):
         ``image`` (B, C, *size), the upsampled gate follows its edges."""
         image_hw = evidence.shape[-2:]
         g = evidence_gate(evidence, self.match_low, self.match_high)
+        if image is not None and self.anomaly_active:
+            # the denoising autoencoder's residual flags what normal anatomy does not explain
+            # (occluders the embedding finds familiar); such positions close the gate and seed
+            # the hysteresis
+            g = torch.where(
+                self.anomaly_evidence(image, image_hw) > self.match_anomaly_threshold,
+                torch.zeros_like(g),
+                g,
+            )
         if self.match_grow_quantiles is not None:
             grown = grow_closed_regions(g, evidence, self.match_grow_high)
             ramp = evidence_gate(evidence, self.match_grow_low, self.match_grow_high)
@@ -991,6 +1041,45 @@ class ShapePriorNet(nn.Module):
             masks = masks.permute(0, 3, 1, 2).to(image_embedding.dtype)
             total = total + warp(_pairwise_cosine(image_embedding, temb), masks, temb.shape[-2:])
         return total / top.shape[1]
+
+    @property
+    def anomaly_active(self) -> bool:
+        """Whether the anomaly evidence closes the match gate (trained and calibrated)."""
+        return self.anomaly is not None and bool(torch.isfinite(self.match_anomaly_threshold))
+
+    def anomaly_evidence(self, image: torch.Tensor, coarse_hw: Sequence[int]) -> torch.Tensor:
+        """The denoising autoencoder's standardised residual evidence (B, 1, *coarse_hw) of
+        ``image`` (B, C, H, W), area-pooled to the match gate's grid
+        (:meth:`~scaledl.medical.anomaly.DenoisingAutoencoder.residual_evidence`)."""
+        if self.anomaly is None:
+            raise ValueError("anomaly_evidence needs match_gate=True and match_anomaly=True")
+        h, w = image.shape[-2:]
+        if h % coarse_hw[0] or w % coarse_hw[1] or h // coarse_hw[0] != w // coarse_hw[1]:
+            raise ValueError(f"coarse grid {tuple(coarse_hw)} must tile the image {(h, w)}")
+        return self.anomaly.residual_evidence(
+            image, self.match_anomaly_sigma * h, pool=h // coarse_hw[0]
+        )
+
+    def fit_anomaly(
+        self,
+        images: torch.Tensor,
+        iterations: int = 600,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        **kwargs,
+    ) -> list[float]:
+        """Train the anomaly evidence's denoising autoencoder on *clean* training ``images``
+        (N, C, H, W) (:func:`~scaledl.medical.anomaly.train_denoising_autoencoder`, further
+        options in ``kwargs``); :meth:`calibrate_match_gate` then sets its threshold on clean
+        images the autoencoder has not seen. Returns the loss per iteration."""
+        if self.anomaly is None:
+            raise ValueError("fit_anomaly needs match_gate=True and match_anomaly=True")
+        losses = train_denoising_autoencoder(
+            self.anomaly, images, iterations, seed=seed, device=device, **kwargs
+        )
+        self.match_anomaly_trained.fill_(True)
+        self.match_anomaly_threshold.fill_(math.inf)  # stale until recalibrated
+        return losses
 
     @torch.no_grad()
     def match_evidence(self, image: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
@@ -1061,6 +1150,12 @@ class ShapePriorNet(nn.Module):
                 for i in range(0, images.shape[0], 32)
             ]
         ).float()
+        if self.anomaly is not None and bool(self.match_anomaly_trained):
+            # calibration images should be held out from the autoencoder's training images
+            a = self.anomaly_evidence(images, self.prior_matcher(images[:1]).shape[-2:])
+            self.match_anomaly_threshold.fill_(
+                float(torch.quantile(a.flatten().cpu(), self.match_anomaly_quantile))
+            )
         self.train(was_training)
         qs = list(self.match_quantiles) + list(self.match_grow_quantiles or ())
         values = torch.quantile(ev.cpu(), torch.tensor(qs)).tolist()
