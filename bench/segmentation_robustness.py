@@ -11,9 +11,11 @@ global robust affine alignment of the template (``+affine``) or both priors mixe
 each ShapePriorNet under the fixed (medoid), nearest and ensemble(5) template modes. The
 label-prior models carry the match gate, calibrated on clean training data after training, and
 are evaluated with it open (``SPN-...+prior``, the ungated model) and at each
-``--gate-quantiles`` calibration (``SPN-...+prior+gate(...)``). Under occlusion and opacity the
-Dice of the corrupted structure is reported besides the mean over classes, and the target is
-checked both ways. Mean +- std over seeds.
+``--gate-quantiles`` calibration (``SPN-...+prior+gate(...)``; the gate also closes where a
+denoising autoencoder trained on the clean training images finds the image anomalous, and the
+first calibration is also evaluated without that evidence, ``...,no-DAE)``). Under occlusion
+and opacity the Dice of the corrupted structure is reported besides the mean over classes, and
+the target is checked both ways. Mean +- std over seeds.
 
     PYTHONPATH=src python bench/segmentation_robustness.py --seeds 1 --iters 700 --modes fixed \
         --severities 3 --models BasicUNet SPN-prototype+prior SPN-dense+prior  # one H200, ~3.5 min
@@ -112,13 +114,35 @@ def parse_args() -> argparse.Namespace:
         help="match-gate calibrations evaluated for the label-prior rows: LOW,HIGH quantiles "
         "of the clean evidence (each adds a '+gate(...)' row; the weights are shared)",
     )
+    p.add_argument(
+        "--anomaly-iters",
+        type=int,
+        help="training iterations of the match gate's denoising autoencoder (default 600; "
+        "quick: 20; 0 = no anomaly evidence)",
+    )
     p.add_argument("--lungs", default="auto", choices=["auto", "torchxrayvision", "parametric"])
     p.add_argument("--workers", type=int, help="processes computing HD95 (default: CPUs - 2)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", help="JSON path (default bench/results/segmentation_robustness.json)")
     a = p.parse_args()
-    full = {"size": 128, "n_train": 200, "n_test": 200, "iters": 1000, "batch": 16, "seeds": 3}
-    quick = {"size": 64, "n_train": 24, "n_test": 12, "iters": 25, "batch": 4, "seeds": 1}
+    full = {
+        "size": 128,
+        "n_train": 200,
+        "n_test": 200,
+        "iters": 1000,
+        "batch": 16,
+        "seeds": 3,
+        "anomaly_iters": 600,
+    }
+    quick = {
+        "size": 64,
+        "n_train": 24,
+        "n_test": 12,
+        "iters": 25,
+        "batch": 4,
+        "seeds": 1,
+        "anomaly_iters": 20,
+    }
     for key, val in (quick if a.quick else full).items():
         if getattr(a, key) is None:
             setattr(a, key, val)
@@ -216,30 +240,34 @@ def target_dice(dice: np.ndarray, target: np.ndarray) -> float:
 
 
 @contextlib.contextmanager
-def match_gate_state(model: torch.nn.Module, quantiles, train: SegmentationData, seed, device):
-    """Evaluate a match-gate model with the gate open everywhere (``quantiles`` None: thresholds
+def match_gate_state(model: torch.nn.Module, gate, train: SegmentationData, seed, device):
+    """Evaluate a match-gate model with the gate open everywhere (``gate`` None: thresholds
     below any evidence, exactly the model without the gate) or calibrated on the clean training
-    data at ``quantiles`` (low, high); the weights never change."""
+    data at ``gate = (quantiles, anomaly)``, quantiles (low, high), with or without the
+    autoencoder's anomaly evidence; the weights never change."""
     if not getattr(model, "match_gate", False):
         yield
         return
     saved = model.match_quantiles
-    if quantiles is None:
+    if gate is None:
         model.match_low.fill_(-3.0)
         model.match_high.fill_(-2.0)
     else:
-        model.match_quantiles = tuple(quantiles)
+        model.match_quantiles = tuple(gate[0])
         calibrate_match_gate(model, train, seed=seed, device=device)
+    if model.anomaly is not None and (gate is None or not gate[1]):
+        model.match_anomaly_threshold.fill_(math.inf)  # the anomaly evidence stays off
     try:
         yield
     finally:
         model.match_quantiles = saved
 
 
-def gate_row_name(model_name: str, quantiles) -> str:
-    if quantiles is None:
+def gate_row_name(model_name: str, gate) -> str:
+    if gate is None:
         return model_name
-    return f"{model_name}+gate({100 * quantiles[0]:g}/{100 * quantiles[1]:g}%)"
+    (lo, hi), anomaly = gate
+    return f"{model_name}+gate({100 * lo:g}/{100 * hi:g}%{'' if anomaly else ',no-DAE'})"
 
 
 def submit_metrics(pool: ProcessPoolExecutor, pred: np.ndarray, labels: np.ndarray, k: int):
@@ -291,7 +319,12 @@ def main() -> None:
                 args.features, k, args.fusion, args.models or DEFAULT_MODELS, args.align_blur
             )
             for model_name, model in models.items():
-                cfg = TrainConfig(iterations=args.iters, batch_size=args.batch, seed=seed)
+                cfg = TrainConfig(
+                    iterations=args.iters,
+                    batch_size=args.batch,
+                    seed=seed,
+                    anomaly_iterations=args.anomaly_iters,
+                )
                 t0 = time.perf_counter()
                 losses = train_segmenter(model, train, cfg, device=args.device)
                 if args.device == "cuda":
@@ -305,8 +338,13 @@ def main() -> None:
                 modes = list(args.modes) if isinstance(model, ShapePriorNet) else ["-"]
                 gates = [None]
                 if getattr(model, "match_gate", False):
-                    gates += args.gate_quantiles
+                    dae = model.anomaly is not None and bool(model.match_anomaly_trained)
+                    gates += [(q, True) for q in args.gate_quantiles]
+                    if dae:  # the first calibration without the anomaly evidence too (ablation)
+                        gates.append((args.gate_quantiles[0], False))
                 for mode, gate in itertools.product(modes, gates):
+                    if gate is not None and not gate[1] and mode != modes[0]:
+                        continue  # the ablation without the anomaly evidence: first mode only
                     name = gate_row_name(model_name, gate)
                     row = name if mode == "-" else f"{name} / {mode}"
                     with match_gate_state(model, gate, train, seed, args.device):
