@@ -15,6 +15,7 @@ from scaledl._lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     # shape priors by pairwise comparison
     "ShapePriorNet": "scaledl.medical.shape_prior",
+    "DenoisingAutoencoder": "scaledl.medical.anomaly",
     # RECIST-Net
     "RECISTNet": "scaledl.medical.recist_net",
     "mask_to_recist": "scaledl.medical.recist_geometry",
