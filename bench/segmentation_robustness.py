@@ -13,7 +13,9 @@ label-prior models carry the match gate, calibrated on clean training data after
 are evaluated with it open (``SPN-...+prior``, the ungated model) and at each
 ``--gate-quantiles`` calibration (``SPN-...+prior+gate(...)``; the gate also closes where a
 denoising autoencoder trained on the clean training images finds the image anomalous, and the
-first calibration is also evaluated without that evidence, ``...,no-DAE)``). Under occlusion
+region it closes is restored by that autoencoder and segmented again; the first calibration is
+also evaluated without that evidence, ``...,no-DAE)``, and with the evidence but without the
+restoration, ``...,no-restore)``). Under occlusion
 and opacity the Dice of the corrupted structure is reported besides the mean over classes, and
 the target is checked both ways. Mean +- std over seeds.
 
@@ -243,12 +245,13 @@ def target_dice(dice: np.ndarray, target: np.ndarray) -> float:
 def match_gate_state(model: torch.nn.Module, gate, train: SegmentationData, seed, device):
     """Evaluate a match-gate model with the gate open everywhere (``gate`` None: thresholds
     below any evidence, exactly the model without the gate) or calibrated on the clean training
-    data at ``gate = (quantiles, anomaly)``, quantiles (low, high), with or without the
-    autoencoder's anomaly evidence; the weights never change."""
+    data at ``gate = (quantiles, anomaly, restore)``, quantiles (low, high), with or without
+    the autoencoder's anomaly evidence and its restoration of the closed region; the weights
+    never change."""
     if not getattr(model, "match_gate", False):
         yield
         return
-    saved = model.match_quantiles
+    saved = model.match_quantiles, model.match_restore_iterations
     if gate is None:
         model.match_low.fill_(-3.0)
         model.match_high.fill_(-2.0)
@@ -257,17 +260,20 @@ def match_gate_state(model: torch.nn.Module, gate, train: SegmentationData, seed
         calibrate_match_gate(model, train, seed=seed, device=device)
     if model.anomaly is not None and (gate is None or not gate[1]):
         model.match_anomaly_threshold.fill_(math.inf)  # the anomaly evidence stays off
+    if gate is not None and not gate[2]:
+        model.match_restore_iterations = 0
     try:
         yield
     finally:
-        model.match_quantiles = saved
+        model.match_quantiles, model.match_restore_iterations = saved
 
 
 def gate_row_name(model_name: str, gate) -> str:
     if gate is None:
         return model_name
-    (lo, hi), anomaly = gate
-    return f"{model_name}+gate({100 * lo:g}/{100 * hi:g}%{'' if anomaly else ',no-DAE'})"
+    (lo, hi), anomaly, restore = gate
+    tag = ",no-DAE" if not anomaly else "" if restore else ",no-restore"
+    return f"{model_name}+gate({100 * lo:g}/{100 * hi:g}%{tag})"
 
 
 def submit_metrics(pool: ProcessPoolExecutor, pred: np.ndarray, labels: np.ndarray, k: int):
@@ -339,12 +345,14 @@ def main() -> None:
                 gates = [None]
                 if getattr(model, "match_gate", False):
                     dae = model.anomaly is not None and bool(model.match_anomaly_trained)
-                    gates += [(q, True) for q in args.gate_quantiles]
+                    gates += [(q, True, True) for q in args.gate_quantiles]
                     if dae:  # the first calibration without the anomaly evidence too (ablation)
-                        gates.append((args.gate_quantiles[0], False))
+                        gates.append((args.gate_quantiles[0], False, False))
+                        if model.match_restore_iterations > 0:  # and without the restoration
+                            gates.append((args.gate_quantiles[0], True, False))
                 for mode, gate in itertools.product(modes, gates):
-                    if gate is not None and not gate[1] and mode != modes[0]:
-                        continue  # the ablation without the anomaly evidence: first mode only
+                    if gate is not None and not all(gate[1:]) and mode != modes[0]:
+                        continue  # the ablations: first mode only
                     name = gate_row_name(model_name, gate)
                     row = name if mode == "-" else f"{name} / {mode}"
                     with match_gate_state(model, gate, train, seed, args.device):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from scaledl.medical.anomaly import DenoisingAutoencoder, coarse_noise, train_denoising_autoencoder
+from scaledl.medical.anomaly import (
+    DenoisingAutoencoder,
+    coarse_noise,
+    flat_blobs,
+    train_denoising_autoencoder,
+)
 from scaledl.medical.segmentation_data import make_synthetic_cxr
 from scaledl.medical.segmentation_train import TrainConfig, calibration_split, train_segmenter
 from scaledl.medical.shape_prior import ShapePriorNet
@@ -47,18 +53,26 @@ def test_coarse_noise_is_smooth_and_seeded():
         coarse_noise((1, 16, 16), 4, 0.1)
 
 
+def _pasted_box(clean: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images with a flat bright 12 x 12 box at the centre of the right lung, and the box
+    (B, 1, H, W)."""
+    lung = torch.as_tensor(labels == 1)
+    box = torch.zeros_like(lung)
+    for i in range(len(box)):
+        ys, xs = torch.nonzero(lung[i], as_tuple=True)
+        y, x = int(ys.float().mean()) - 6, int(xs.float().mean()) - 6
+        box[i, y : y + 12, x : x + 12] = True
+    boxed = clean.clone()
+    boxed[box[:, None]] = 0.9
+    return boxed, box[:, None]
+
+
 def test_residual_is_high_on_a_pasted_flat_box_and_low_on_clean_images(trained):
     dae, images, labels, losses = trained
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])  # it learned to restore
     clean = images[16:]  # unseen clean images
-    boxed = clean.clone()
-    lung = torch.as_tensor(labels[16:] == 1)
-    box = torch.zeros_like(lung)
-    for i in range(len(box)):  # a flat bright 12 x 12 box at the centre of the right lung
-        ys, xs = torch.nonzero(lung[i], as_tuple=True)
-        y, x = int(ys.float().mean()) - 6, int(xs.float().mean()) - 6
-        box[i, y : y + 12, x : x + 12] = True
-    boxed[box[:, None]] = 0.9
+    boxed, box = _pasted_box(clean, labels[16:])
+    box = box[:, 0]
     ev_clean = dae.residual_evidence(clean, sigma=1.0, pool=4)
     ev_box = dae.residual_evidence(boxed, sigma=1.0, pool=4)
     assert ev_box.shape == (4, 1, 16, 16)
@@ -69,10 +83,10 @@ def test_residual_is_high_on_a_pasted_flat_box_and_low_on_clean_images(trained):
     assert ev_box[inside].mean() > 5 * ev_box[~inside].abs().mean()
 
 
-def test_calibrated_threshold_is_the_clean_quantile_and_closes_the_gate(trained, tmp_path):
-    dae, images, _, _ = trained
-    x = images[16:]
-    net = ShapePriorNet(
+def _gated_net() -> ShapePriorNet:
+    """A small gated network whose anomaly evidence, once calibrated, flags a tenth of the
+    positions; the gate is not grown or snapped to edges (exact expectations)."""
+    return ShapePriorNet(
         3,
         features=TINY,
         match_gate=True,
@@ -81,6 +95,12 @@ def test_calibrated_threshold_is_the_clean_quantile_and_closes_the_gate(trained,
         match_grow_quantiles=None,
         match_edge_sigma=0.0,
     ).eval()
+
+
+def test_calibrated_threshold_is_the_clean_quantile_and_closes_the_gate(trained, tmp_path):
+    dae, images, _, _ = trained
+    x = images[16:]
+    net = _gated_net()
     assert not net.anomaly_active  # untrained: the evidence is off
     net.anomaly.load_state_dict(dae.state_dict())
     net.calibrate_match_gate(x, x.roll(1, 0), bank_images=images[:16])
@@ -130,6 +150,10 @@ def test_training_fits_the_autoencoder_on_the_bank_images_only():
     train_segmenter(net, data, cfg)
     assert net.anomaly_active and math.isfinite(float(net.match_anomaly_threshold))
     assert any(not torch.equal(v, init[k]) for k, v in net.anomaly.state_dict().items())
+    # the restorer: the autoencoder fine-tuned further (to inpaint flat regions)
+    assert net.restore_active
+    restorer = net.restorer.state_dict()
+    assert any(not torch.equal(v, restorer[k]) for k, v in net.anomaly.state_dict().items())
     bank, calib = calibration_split(len(data), seed=0)
     assert sorted(torch.cat([bank, calib]).tolist()) == list(range(6)) and len(calib) == 2
     # the threshold is the quantile over the held-out calibration images
@@ -162,3 +186,85 @@ def test_bad_input_is_a_clear_error(trained):
         )
     with pytest.raises(ValueError, match="anomaly_iterations"):
         TrainConfig(anomaly_iterations=-1)
+
+
+def test_flat_blobs_replace_irregular_regions_by_one_value_per_image():
+    x = torch.rand(3, 1, 128, 128)
+    out = flat_blobs(x, 6, 0.9, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, flat_blobs(x, 6, 0.9, torch.Generator().manual_seed(1)))
+    changed = out != x
+    share = changed.float().mean()
+    assert 0.02 < share < 0.3  # about a tenth of the image
+    for i in range(3):  # one flat intensity per image
+        assert out[i][changed[i]].unique().numel() == 1
+    assert torch.equal(flat_blobs(x, 6, 100.0), x)  # a threshold no noise reaches
+
+
+def test_restore_keeps_the_open_region_and_replaces_a_pasted_box(trained):
+    dae, images, labels, _ = trained
+    clean = images[16:]
+    boxed, box = _pasted_box(clean, labels[16:])
+    gate = (~box).float()
+    restored = dae.restore(boxed, gate, iterations=3)
+    # the input where the gate is open, the autoencoder's anatomy where it is closed
+    assert torch.equal(restored[~box], boxed[~box])
+    err = lambda a: (a - clean)[box].abs().mean()  # noqa: E731
+    assert err(restored) < 0.5 * err(boxed)
+    # one pass is the blend with the autoencoder's output; an open gate changes nothing
+    with torch.no_grad():
+        torch.testing.assert_close(dae.restore(boxed, gate, 1), gate * boxed + box * dae(boxed))
+    assert torch.equal(dae.restore(boxed, torch.ones_like(gate)), boxed)
+    with pytest.raises(ValueError, match="gate must be"):
+        dae.restore(boxed, gate[:, :, :32])
+    with pytest.raises(ValueError, match="iterations"):
+        dae.restore(boxed, gate, 0)
+
+
+def test_the_closed_region_is_segmented_again_on_the_restored_image(trained, tmp_path):
+    dae, images, _, _ = trained
+    x = images[16:]
+    net = _gated_net()
+    net.anomaly.load_state_dict(dae.state_dict())
+    net.match_anomaly_trained.fill_(True)
+    net.calibrate_match_gate(x, x.roll(1, 0), bank_images=images[:16])
+    assert not net.restore_active  # its restorer is not trained yet
+    net.restorer.load_state_dict(dae.state_dict())
+    net.match_restore_trained.fill_(True)
+    assert net.restore_active and net.match_restore_iterations == 3
+    t, masks = x.roll(1, 0), torch.rand(4, 3, 64, 64).round()
+    with torch.no_grad():
+        emb = net.prior_matcher(x)
+        prior, gate = net.label_prior_map(emb, t, masks, (64, 64), return_gate=True, image=x)
+        tf = net.encode_template(t, masks)
+        z = net.decode(net.image_encoder(x), tf, masks)
+        restored = net.restorer.restore(x, gate, 3)
+        z2 = net.decode(net.image_encoder(restored), tf, masks)
+        c = net.logit_bound
+        expected = (
+            gate * c * torch.tanh(z / c)
+            + (1 - gate) * c * torch.tanh(z2 / c)
+            + net.prior_weight * torch.log(prior.clamp_min(net.prior_eps))
+        )
+        torch.testing.assert_close(net(x, t, masks), expected)
+        p_on = net.predict_proba(x, t[:, None], masks[:, None])
+        net.match_restore_iterations = 0  # off: the first prediction under the closed gate
+        p_off = net.predict_proba(x, t[:, None], masks[:, None])
+    assert (gate < 1).any()
+    open_ = (gate == 1).expand_as(p_on)
+    torch.testing.assert_close(p_on[open_], p_off[open_])
+    assert (p_on - p_off).abs().amax() > 1e-3
+    # saved with it; folders saved before it existed load with it off
+    net.match_restore_iterations = 3
+    net.save_pretrained(tmp_path / "m")
+    again = ShapePriorNet.from_pretrained(tmp_path / "m")
+    assert again.restore_active and again.match_restore_iterations == 3
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["match_restore_iterations"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    state = torch.load(tmp_path / "m" / "model.pt")
+    old = {k: v for k, v in state.items() if "restore" not in k}
+    torch.save(old, tmp_path / "m" / "model.pt")
+    before = ShapePriorNet.from_pretrained(tmp_path / "m")
+    assert before.match_restore_iterations == 3 and not before.restore_active
+    with pytest.raises(ValueError, match="match_restore_iterations"):
+        ShapePriorNet(3, features=TINY, match_gate=True, match_restore_iterations=-1)

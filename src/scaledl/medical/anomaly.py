@@ -39,6 +39,19 @@ def coarse_noise(
     return F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)
 
 
+def flat_blobs(
+    image: torch.Tensor, resolution: int, threshold: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``image`` (B, C, H, W) with irregular blobs, where unit coarse noise
+    (:func:`coarse_noise`, ``resolution`` per side) exceeds ``threshold``, replaced by one
+    uniform random intensity per image (at 128², resolution 6 and threshold 0.9 cover about
+    10% of the image): regions whose content must be inferred from the anatomy around them."""
+    b, _, h, w = image.shape
+    blob = coarse_noise((b, 1, h, w), resolution, 1.0, generator).to(image.device) > threshold
+    value = torch.rand(b, 1, 1, 1, generator=generator).to(image)
+    return torch.where(blob, value.expand_as(image), image)
+
+
 def _normalised_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur that ignores the zero padding (a mean over the pixels inside the image)."""
     from scaledl.medical.shape_prior import gaussian_blur
@@ -52,7 +65,8 @@ class DenoisingAutoencoder(nn.Module):
     """Image -> restored image with a MONAI ``BasicUNet`` (``features``: its six widths).
 
     Train it with :func:`train_denoising_autoencoder` on clean images; then
-    :meth:`residual_evidence` is high where the image departs from normal anatomy."""
+    :meth:`residual_evidence` is high where the image departs from normal anatomy and
+    :meth:`restore` replaces a given region by the anatomy it infers there."""
 
     def __init__(self, in_channels: int = 1, features: Sequence[int] = (8, 16, 32, 64, 128, 8)):
         super().__init__()
@@ -73,6 +87,22 @@ class DenoisingAutoencoder(nn.Module):
         if image.shape[-2] % 16 or image.shape[-1] % 16:
             raise ValueError(f"image height and width must be multiples of 16, got {image.shape}")
         return self.net(image)
+
+    @torch.no_grad()
+    def restore(self, image: torch.Tensor, gate: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+        """x' = g·x + (1 − g)·DAE(x'), iterated ``iterations`` times from x' = x: the image
+        where the gate g (B, 1, H, W) in [0, 1] is open, the autoencoder's restoration where it
+        is closed (each pass restores from the previous one, so the closed region is
+        re-inferred from an ever more plausible context)."""
+        if gate.ndim != 4 or gate.shape[1] != 1 or gate.shape[-2:] != image.shape[-2:]:
+            raise ValueError(f"gate must be (B, 1, H, W) like the image, got {tuple(gate.shape)}")
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        gate = gate.to(image)
+        restored = image
+        for _ in range(iterations):
+            restored = gate * image + (1 - gate) * self(restored)
+        return restored
 
     @torch.no_grad()
     def residual_evidence(
@@ -104,6 +134,8 @@ def train_denoising_autoencoder(
     lr: float = 2e-3,
     noise_resolution: int = 16,
     noise_sigma: float = 0.2,
+    blob_resolution: int = 6,
+    blob_threshold: float | None = None,
     augment: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -111,14 +143,18 @@ def train_denoising_autoencoder(
     """Train ``model`` to restore clean ``images`` (N, C, H, W) from images plus coarse noise
     (:func:`coarse_noise`, ``noise_resolution`` per side, σ ``noise_sigma``; at 128² the
     defaults give blobs of about 8 px) with an L1 loss, Adam and poly decay; with ``augment``
-    each batch gets the segmenter's random affine augmentation. Returns the loss per
-    iteration."""
+    each batch gets the segmenter's random affine augmentation. With a ``blob_threshold``
+    (0.9 covers about a tenth of the image), the images first get :func:`flat_blobs`
+    (``blob_resolution``, ``blob_threshold``), so the autoencoder also learns to inpaint the
+    anatomy under a flat region. Returns the loss per iteration."""
     from scaledl.medical.segmentation_train import random_affine
 
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images must be (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
     if iterations < 1 or batch_size < 1:
         raise ValueError(f"iterations and batch_size must be >= 1, got {iterations}, {batch_size}")
+    if blob_resolution < 1:
+        raise ValueError(f"blob_resolution must be >= 1, got {blob_resolution}")
     gen = torch.Generator().manual_seed(seed)
     images = images.to(device, torch.float32)
     model.to(device).train()
@@ -131,7 +167,8 @@ def train_denoising_autoencoder(
         if augment:
             dummy = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.long, device=device)
             x = random_affine(x, dummy, gen)[0]
-        noisy = x + coarse_noise(x.shape, noise_resolution, noise_sigma, gen).to(device)
+        noisy = x if blob_threshold is None else flat_blobs(x, blob_resolution, blob_threshold, gen)
+        noisy = noisy + coarse_noise(x.shape, noise_resolution, noise_sigma, gen).to(device)
         loss = (model(noisy) - x).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

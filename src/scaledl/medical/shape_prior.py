@@ -531,6 +531,12 @@ class ShapePriorNet(nn.Module):
         match_anomaly_sigma: Gaussian σ, as a fraction of the image height, smoothing the
             signed residual (white noise averages out, an occluder does not).
         anomaly_features: the six widths of the autoencoder's ``BasicUNet``.
+        match_restore_iterations: with the anomaly evidence active, the image is restored
+            where the gate is closed by a copy of the autoencoder fine-tuned to inpaint flat
+            regions (``restorer``, trained by :meth:`fit_anomaly`; restored by
+            :meth:`~scaledl.medical.anomaly.DenoisingAutoencoder.restore`, this many passes)
+            and segmented again; under the closed gate that second prediction joins the warped
+            prior instead of the first one. 0 turns it off.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -578,6 +584,7 @@ class ShapePriorNet(nn.Module):
         match_anomaly_quantile: float = 0.999,
         match_anomaly_sigma: float = 0.016,
         anomaly_features: Sequence[int] = (8, 16, 32, 64, 128, 8),
+        match_restore_iterations: int = 3,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -646,6 +653,12 @@ class ShapePriorNet(nn.Module):
                 "in (0, 1)",
             ),
             ("match_anomaly_sigma", match_anomaly_sigma, 0 <= match_anomaly_sigma < 1, "in [0, 1)"),
+            (
+                "match_restore_iterations",
+                match_restore_iterations,
+                match_restore_iterations >= 0,
+                ">= 0",
+            ),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {value}")
@@ -692,6 +705,7 @@ class ShapePriorNet(nn.Module):
             "match_anomaly_quantile": match_anomaly_quantile,
             "match_anomaly_sigma": match_anomaly_sigma,
             "anomaly_features": list(anomaly_features),
+            "match_restore_iterations": match_restore_iterations,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -751,7 +765,9 @@ class ShapePriorNet(nn.Module):
         self.match_edge_range = float(match_edge_range)
         self.match_anomaly_quantile = float(match_anomaly_quantile)
         self.match_anomaly_sigma = float(match_anomaly_sigma)
+        self.match_restore_iterations = int(match_restore_iterations)
         self.anomaly: DenoisingAutoencoder | None = None
+        self.restorer: DenoisingAutoencoder | None = None
         if match_gate:
             # thresholds of the match gate, set by calibrate_match_gate on clean training
             # pairs; until then the gate is open everywhere (cosines are >= -1 > -2)
@@ -774,6 +790,12 @@ class ShapePriorNet(nn.Module):
                 self.anomaly = DenoisingAutoencoder(in_channels, anomaly_features)
                 self.register_buffer("match_anomaly_trained", torch.tensor(False))
                 self.register_buffer("match_anomaly_threshold", torch.tensor(math.inf))
+                if match_restore_iterations > 0:
+                    # a copy of the autoencoder fine-tuned to inpaint flat regions
+                    # (fit_anomaly); the evidence keeps the plain denoiser, whose residual
+                    # stays quiet under noise
+                    self.restorer = DenoisingAutoencoder(in_channels, anomaly_features)
+                    self.register_buffer("match_restore_trained", torch.tensor(False))
         if label_prior:
             self.prior_matcher = PriorMatcher(
                 in_channels, prior_pool, prior_features, prior_dim, blk
@@ -951,6 +973,11 @@ class ShapePriorNet(nn.Module):
                 state_dict.setdefault(f"{prefix}anomaly.{key}", value.clone())
             state_dict[prefix + "match_anomaly_trained"] = torch.tensor(False)
             state_dict[prefix + "match_anomaly_threshold"] = torch.tensor(math.inf)
+        if self.restorer is not None and prefix + "match_restore_trained" not in state_dict:
+            # saved before the restoration existed: load with it off (untrained)
+            for key, value in self.restorer.state_dict().items():
+                state_dict.setdefault(f"{prefix}restorer.{key}", value.clone())
+            state_dict[prefix + "match_restore_trained"] = torch.tensor(False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _match_gate_prior(
@@ -1047,6 +1074,17 @@ class ShapePriorNet(nn.Module):
         """Whether the anomaly evidence closes the match gate (trained and calibrated)."""
         return self.anomaly is not None and bool(torch.isfinite(self.match_anomaly_threshold))
 
+    @property
+    def restore_active(self) -> bool:
+        """Whether a closed gate's region is restored and segmented again (anomaly evidence
+        active and ``match_restore_iterations`` > 0)."""
+        return (
+            self.restorer is not None
+            and self.match_restore_iterations > 0
+            and bool(self.match_restore_trained)
+            and self.anomaly_active
+        )
+
     def anomaly_evidence(self, image: torch.Tensor, coarse_hw: Sequence[int]) -> torch.Tensor:
         """The denoising autoencoder's standardised residual evidence (B, 1, *coarse_hw) of
         ``image`` (B, C, H, W), area-pooled to the match gate's grid
@@ -1066,17 +1104,36 @@ class ShapePriorNet(nn.Module):
         iterations: int = 600,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        inpaint_iterations: int | None = None,
         **kwargs,
     ) -> list[float]:
         """Train the anomaly evidence's denoising autoencoder on *clean* training ``images``
         (N, C, H, W) (:func:`~scaledl.medical.anomaly.train_denoising_autoencoder`, further
-        options in ``kwargs``); :meth:`calibrate_match_gate` then sets its threshold on clean
-        images the autoencoder has not seen. Returns the loss per iteration."""
+        options in ``kwargs``): ``iterations`` restoring coarse noise, then
+        ``inpaint_iterations`` (default 5/6 of ``iterations``) at half the learning rate
+        restoring flat blobs as well, fine-tune a copy of it as the ``restorer`` that inpaints
+        the anatomy under a flat region (for
+        :meth:`~scaledl.medical.anomaly.DenoisingAutoencoder.restore`; skipped without
+        ``match_restore_iterations``). :meth:`calibrate_match_gate` then sets the evidence's
+        threshold on clean images the autoencoder has not seen. Returns the loss per
+        iteration of both stages."""
         if self.anomaly is None:
             raise ValueError("fit_anomaly needs match_gate=True and match_anomaly=True")
+        if inpaint_iterations is None:
+            inpaint_iterations = round(iterations * 5 / 6)
+        if inpaint_iterations < 0:
+            raise ValueError(f"inpaint_iterations must be >= 0, got {inpaint_iterations}")
         losses = train_denoising_autoencoder(
             self.anomaly, images, iterations, seed=seed, device=device, **kwargs
         )
+        if self.restorer is not None and inpaint_iterations > 0:
+            self.restorer.load_state_dict(self.anomaly.state_dict())
+            kwargs["lr"] = kwargs.get("lr", 2e-3) / 2
+            kwargs.setdefault("blob_threshold", 0.9)
+            losses += train_denoising_autoencoder(
+                self.restorer, images, inpaint_iterations, seed=seed, device=device, **kwargs
+            )
+            self.match_restore_trained.fill_(True)
         self.match_anomaly_trained.fill_(True)
         self.match_anomaly_threshold.fill_(math.inf)  # stale until recalibrated
         return losses
@@ -1198,16 +1255,26 @@ class ShapePriorNet(nn.Module):
         )
 
     def combine(
-        self, logits: torch.Tensor, prior: torch.Tensor | None, gate: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        prior: torch.Tensor | None,
+        gate: torch.Tensor | None = None,
+        closed_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Product of experts: g·c·tanh(z / c) + β·log max(P, ε) (just z without a prior); the
-        evidence gate g (B, 1, H, W) is 1 unless given."""
+        evidence gate g (B, 1, H, W) is 1 unless given. With ``closed_logits`` z' (the
+        prediction on the restored image) and a gate, (1 − g)·c·tanh(z' / c) is added."""
         if prior is None:
             return logits
-        if self.logit_bound > 0:
-            logits = self.logit_bound * torch.tanh(logits / self.logit_bound)
+
+        def bound(z: torch.Tensor) -> torch.Tensor:
+            return self.logit_bound * torch.tanh(z / self.logit_bound) if self.logit_bound else z
+
+        logits = bound(logits)
         if gate is not None:
             logits = gate * logits
+            if closed_logits is not None:
+                logits = logits + (1 - gate) * bound(closed_logits)
         return logits + self.prior_weight * torch.log(prior.clamp_min(self.prior_eps))
 
     def decode(
@@ -1217,15 +1284,24 @@ class ShapePriorNet(nn.Module):
         template_masks: torch.Tensor,
         prior: torch.Tensor | None = None,
         gate: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fuse attention into the image skips, run the U-Net decoder and combine the result
-        with the label ``prior`` (and evidence ``gate``) when given; returns logits."""
+        with the label ``prior`` (and evidence ``gate``) when given; returns logits. With the
+        ``image`` the features came from and a closed gate somewhere, the image restored there
+        is segmented again (``match_restore_iterations``) for the closed region."""
         maps = self.attention_maps(feats, tfeats, template_masks)
         fused = [fuse(fe, a) for fuse, fe, a in zip(self.fusions, feats, maps)]
         x = fused[4]
         for up, skip in zip(self.decoder, (fused[3], fused[2], fused[1], fused[0])):
             x = up(x, skip)
-        return self.combine(self.head(x), prior, gate)
+        closed = None
+        if image is not None and gate is not None and self.restore_active and gate.min() < 1:
+            # the segmenter is reliable on clean anatomy: under the closed gate it reads the
+            # anatomy the autoencoder infers there rather than the occluder
+            restored = self.restorer.restore(image, gate, self.match_restore_iterations)
+            closed = self.decode(self.image_encoder(restored), tfeats, template_masks)
+        return self.combine(self.head(x), prior, gate, closed)
 
     def forward_with_prior(
         self, image: torch.Tensor, template: torch.Tensor, template_masks: torch.Tensor
@@ -1241,7 +1317,7 @@ class ShapePriorNet(nn.Module):
                 emb, template, template_masks, image.shape[-2:], return_gate=True, image=image
             )
         feats = self.image_encoder(image)
-        return self.decode(feats, tfeats, template_masks, prior, gate), prior
+        return self.decode(feats, tfeats, template_masks, prior, gate, image), prior
 
     def forward(
         self, image: torch.Tensor, template: torch.Tensor, template_masks: torch.Tensor
@@ -1293,6 +1369,6 @@ class ShapePriorNet(nn.Module):
                 prior, gate = self.label_prior_map(
                     emb, t, m, image.shape[-2:], return_gate=True, image=image
                 )
-            logits = self.decode(feats, self.encode_template(t, m), m, prior, gate)
+            logits = self.decode(feats, self.encode_template(t, m), m, prior, gate, image)
             probs = probs + torch.softmax(logits, 1)
         return probs / n
