@@ -231,6 +231,7 @@ def test_the_closed_region_is_segmented_again_on_the_restored_image(trained, tmp
     net.restorer.load_state_dict(dae.state_dict())
     net.match_restore_trained.fill_(True)
     assert net.restore_active and net.match_restore_iterations == 3
+    assert net.match_restore_weight == 0.5
     t, masks = x.roll(1, 0), torch.rand(4, 3, 64, 64).round()
     with torch.no_grad():
         emb = net.prior_matcher(x)
@@ -242,7 +243,7 @@ def test_the_closed_region_is_segmented_again_on_the_restored_image(trained, tmp
         c = net.logit_bound
         expected = (
             gate * c * torch.tanh(z / c)
-            + (1 - gate) * c * torch.tanh(z2 / c)
+            + (1 - gate) * 0.5 * c * torch.tanh(z2 / c)
             + net.prior_weight * torch.log(prior.clamp_min(net.prior_eps))
         )
         torch.testing.assert_close(net(x, t, masks), expected)
@@ -268,3 +269,5 @@ def test_the_closed_region_is_segmented_again_on_the_restored_image(trained, tmp
     assert before.match_restore_iterations == 3 and not before.restore_active
     with pytest.raises(ValueError, match="match_restore_iterations"):
         ShapePriorNet(3, features=TINY, match_gate=True, match_restore_iterations=-1)
+    with pytest.raises(ValueError, match="match_restore_weight"):
+        ShapePriorNet(3, features=TINY, match_gate=True, match_restore_weight=-0.1)

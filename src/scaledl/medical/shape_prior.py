@@ -537,6 +537,8 @@ class ShapePriorNet(nn.Module):
             :meth:`~scaledl.medical.anomaly.DenoisingAutoencoder.restore`, this many passes)
             and segmented again; under the closed gate that second prediction joins the warped
             prior instead of the first one. 0 turns it off.
+        match_restore_weight: weight of the second prediction's bounded logits under the
+            closed gate (at 1 it costs more under noise, where the gate closes too).
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -585,6 +587,7 @@ class ShapePriorNet(nn.Module):
         match_anomaly_sigma: float = 0.016,
         anomaly_features: Sequence[int] = (8, 16, 32, 64, 128, 8),
         match_restore_iterations: int = 3,
+        match_restore_weight: float = 0.5,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -659,6 +662,7 @@ class ShapePriorNet(nn.Module):
                 match_restore_iterations >= 0,
                 ">= 0",
             ),
+            ("match_restore_weight", match_restore_weight, match_restore_weight >= 0, ">= 0"),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {value}")
@@ -706,6 +710,7 @@ class ShapePriorNet(nn.Module):
             "match_anomaly_sigma": match_anomaly_sigma,
             "anomaly_features": list(anomaly_features),
             "match_restore_iterations": match_restore_iterations,
+            "match_restore_weight": match_restore_weight,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -766,6 +771,7 @@ class ShapePriorNet(nn.Module):
         self.match_anomaly_quantile = float(match_anomaly_quantile)
         self.match_anomaly_sigma = float(match_anomaly_sigma)
         self.match_restore_iterations = int(match_restore_iterations)
+        self.match_restore_weight = float(match_restore_weight)
         self.anomaly: DenoisingAutoencoder | None = None
         self.restorer: DenoisingAutoencoder | None = None
         if match_gate:
@@ -1263,7 +1269,8 @@ class ShapePriorNet(nn.Module):
     ) -> torch.Tensor:
         """Product of experts: g·c·tanh(z / c) + β·log max(P, ε) (just z without a prior); the
         evidence gate g (B, 1, H, W) is 1 unless given. With ``closed_logits`` z' (the
-        prediction on the restored image) and a gate, (1 − g)·c·tanh(z' / c) is added."""
+        prediction on the restored image) and a gate, (1 − g)·w·c·tanh(z' / c) is added (w:
+        ``match_restore_weight``)."""
         if prior is None:
             return logits
 
@@ -1274,7 +1281,7 @@ class ShapePriorNet(nn.Module):
         if gate is not None:
             logits = gate * logits
             if closed_logits is not None:
-                logits = logits + (1 - gate) * bound(closed_logits)
+                logits = logits + (1 - gate) * self.match_restore_weight * bound(closed_logits)
         return logits + self.prior_weight * torch.log(prior.clamp_min(self.prior_eps))
 
     def decode(
