@@ -199,6 +199,8 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
                 "--match-gate",
                 "--anomaly-iters",
                 "2",
+                "--restore-iters",
+                "2",
                 *common,
             ]
         )
@@ -210,6 +212,7 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
     saved = ShapePriorNet.from_pretrained(model)
     assert saved.match_gate and saved.match_bank.shape[0] > 0
     assert float(saved.match_low) < float(saved.match_high) < 1
+    assert saved.restore_active and saved.match_restore_iterations == 2
     overlays = tmp_path / "ov"
     assert (
         cli_main(
