@@ -12,10 +12,10 @@ each ShapePriorNet under the fixed (medoid), nearest and ensemble(5) template mo
 label-prior models carry the match gate, calibrated on clean training data after training, and
 are evaluated with it open (``SPN-...+prior``, the ungated model) and at each
 ``--gate-quantiles`` calibration (``SPN-...+prior+gate(...)``; the gate also closes where a
-denoising autoencoder trained on the clean training images finds the image anomalous, and the
-region it closes is restored by that autoencoder and segmented again; the first calibration is
-also evaluated without that evidence, ``...,no-DAE)``, and with the evidence but without the
-restoration, ``...,no-restore)``). Under occlusion
+denoising autoencoder trained on the clean training images finds the image anomalous; the
+first calibration is also evaluated without that evidence, ``...,no-DAE)``, and, for models
+built with the restoration of the closed region on (``match_restore_iterations`` > 0, off by
+default), without it, ``...,no-restore)``). Under occlusion
 and opacity the Dice of the corrupted structure is reported besides the mean over classes, and
 the target is checked both ways. Mean +- std over seeds.
 

@@ -83,7 +83,7 @@ def test_residual_is_high_on_a_pasted_flat_box_and_low_on_clean_images(trained):
     assert ev_box[inside].mean() > 5 * ev_box[~inside].abs().mean()
 
 
-def _gated_net() -> ShapePriorNet:
+def _gated_net(restore: int = 0) -> ShapePriorNet:
     """A small gated network whose anomaly evidence, once calibrated, flags a tenth of the
     positions; the gate is not grown or snapped to edges (exact expectations)."""
     return ShapePriorNet(
@@ -94,6 +94,7 @@ def _gated_net() -> ShapePriorNet:
         match_anomaly_quantile=0.9,
         match_grow_quantiles=None,
         match_edge_sigma=0.0,
+        match_restore_iterations=restore,
     ).eval()
 
 
@@ -143,7 +144,11 @@ def test_calibrated_threshold_is_the_clean_quantile_and_closes_the_gate(trained,
 def test_training_fits_the_autoencoder_on_the_bank_images_only():
     data = make_synthetic_cxr(6, size=32, seed=1, lungs="parametric")
     net = ShapePriorNet(
-        data.num_classes, features=TINY, match_gate=True, anomaly_features=SMALL_DAE
+        data.num_classes,
+        features=TINY,
+        match_gate=True,
+        anomaly_features=SMALL_DAE,
+        match_restore_iterations=2,
     )
     init = {k: v.clone() for k, v in net.anomaly.state_dict().items()}
     cfg = TrainConfig(iterations=2, batch_size=2, anomaly_iterations=3)
@@ -164,6 +169,7 @@ def test_training_fits_the_autoencoder_on_the_bank_images_only():
     off = ShapePriorNet(data.num_classes, features=TINY, match_gate=True)
     train_segmenter(off, data, TrainConfig(iterations=1, batch_size=2, anomaly_iterations=0))
     assert not off.anomaly_active  # 0 iterations leave the evidence off
+    assert off.restorer is None and not off.restore_active  # the restoration is off by default
 
 
 def test_bad_input_is_a_clear_error(trained):
@@ -223,7 +229,8 @@ def test_restore_keeps_the_open_region_and_replaces_a_pasted_box(trained):
 def test_the_closed_region_is_segmented_again_on_the_restored_image(trained, tmp_path):
     dae, images, _, _ = trained
     x = images[16:]
-    net = _gated_net()
+    assert ShapePriorNet(3, features=TINY, match_gate=True).restorer is None  # off by default
+    net = _gated_net(restore=3)
     net.anomaly.load_state_dict(dae.state_dict())
     net.match_anomaly_trained.fill_(True)
     net.calibrate_match_gate(x, x.roll(1, 0), bank_images=images[:16])
@@ -266,7 +273,7 @@ def test_the_closed_region_is_segmented_again_on_the_restored_image(trained, tmp
     old = {k: v for k, v in state.items() if "restore" not in k}
     torch.save(old, tmp_path / "m" / "model.pt")
     before = ShapePriorNet.from_pretrained(tmp_path / "m")
-    assert before.match_restore_iterations == 3 and not before.restore_active
+    assert before.match_restore_iterations == 0 and not before.restore_active
     with pytest.raises(ValueError, match="match_restore_iterations"):
         ShapePriorNet(3, features=TINY, match_gate=True, match_restore_iterations=-1)
     with pytest.raises(ValueError, match="match_restore_weight"):

@@ -267,12 +267,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=600,
         help="with --match-gate: iterations of the denoising autoencoder whose residual also "
-        "closes the gate (0 = off); a copy is fine-tuned 5/6 as long to inpaint the region",
+        "closes the gate (0 = off); with --restore-iters a copy is fine-tuned 5/6 as long to "
+        "inpaint the region",
     )
     t.add_argument(
         "--restore-iters",
         type=int,
-        default=3,
+        default=0,
         help="with --match-gate: passes of that copy restoring the image where the gate is "
         "closed, segmented again there (0 = off)",
     )

@@ -536,7 +536,9 @@ class ShapePriorNet(nn.Module):
             regions (``restorer``, trained by :meth:`fit_anomaly`; restored by
             :meth:`~scaledl.medical.anomaly.DenoisingAutoencoder.restore`, this many passes)
             and segmented again; under the closed gate that second prediction joins the warped
-            prior instead of the first one. 0 turns it off.
+            prior instead of the first one. 0 (the default) turns it off: the restorer's
+            pretext, flat regions of one random intensity, resembles the benchmark's
+            occluders, and it gained only about +0.2 Dice under occlusion (CPU).
         match_restore_weight: weight of the second prediction's bounded logits under the
             closed gate (at 1 it costs more under noise, where the gate closes too).
         norm, act, dropout: passed to the MONAI blocks.
@@ -586,7 +588,7 @@ class ShapePriorNet(nn.Module):
         match_anomaly_quantile: float = 0.999,
         match_anomaly_sigma: float = 0.016,
         anomaly_features: Sequence[int] = (8, 16, 32, 64, 128, 8),
-        match_restore_iterations: int = 3,
+        match_restore_iterations: int = 0,
         match_restore_weight: float = 0.5,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
