@@ -1217,7 +1217,13 @@ class ShapePriorNet(nn.Module):
         ).float()
         if self.anomaly is not None and bool(self.match_anomaly_trained):
             # calibration images should be held out from the autoencoder's training images
-            a = self.anomaly_evidence(images, self.prior_matcher(images[:1]).shape[-2:])
+            hw = self.prior_matcher(images[:1]).shape[-2:]
+            a = torch.cat(  # in chunks, like the match evidence: a large set fits in memory
+                [
+                    self.anomaly_evidence(images[i : i + 32], hw).flatten()
+                    for i in range(0, images.shape[0], 32)
+                ]
+            )
             self.match_anomaly_threshold.fill_(
                 float(torch.quantile(a.flatten().cpu(), self.match_anomaly_quantile))
             )
