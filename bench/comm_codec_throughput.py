@@ -13,6 +13,9 @@ in pairs: the eager pipeline and the fused one (``scaledl.comm.fused``, compiled
 kernels (``scaledl.comm.onebit_triton``); ``first_call_s`` in the JSON is the fused
 row's first call at the first size (on CUDA it includes compiling the kernels).
 
+The "top-k selection only" rows time ``torch.topk`` of 1% over the magnitudes with fp32 keys
+and with fp16 keys (half the radix digit passes), and how many indices the two sets share.
+
 The host-overhead rows time the error-fed 1-bit steps of the two-way hook for one DDP bucket
 (25 MB, DDP's default ``bucket_cap_mb``) on ``WORLD`` ranks with each backend: ``eager``
 (torch operations), ``compile`` (``scaledl.comm.fused``, ``torch.compile``-d on CUDA, eager
@@ -294,6 +297,29 @@ def bench_size(mb: int, device: torch.device, warmup: int, repeats: int) -> list
     return out
 
 
+def bench_topk_keys(mb: int, device: torch.device, warmup: int, repeats: int) -> dict:
+    """The top-k 1% selection alone (``abs``, optional cast, ``torch.topk``) with fp32 keys
+    and with fp16 keys, which halve the radix select's digit passes and select the exact
+    top-k up to magnitudes within fp16 rounding of the k-th; the index sets' agreement."""
+    numel = mb * (1 << 20) // 4
+    x = torch.randn(numel, device=device) * torch.rand(numel, device=device)
+    k = max(1, numel // 100)
+    out: dict[str, Any] = {"size_mb": mb, "k": k}
+    for key, cast in (("fp32", None), ("fp16", torch.float16)):
+
+        def select(cast=cast):
+            a = x.abs()
+            return torch.topk(a if cast is None else a.to(cast), k, sorted=False).indices
+
+        t = time_fn(select, name=f"topk {key} keys", warmup=warmup, repeats=repeats, device=device)
+        out[f"{key}_us"] = t.median_s * 1e6
+    exact = torch.zeros(numel, dtype=torch.bool, device=device)
+    exact[torch.topk(x.abs(), k, sorted=False).indices] = True
+    half = torch.topk(x.abs().half(), k, sorted=False).indices
+    out["fp16_agreement"] = exact[half].float().mean().item()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU, 1 and 4 MB, few repeats")
@@ -354,6 +380,12 @@ def main() -> None:
         ["MB", "compressor", "ratio", "enc ms", "dec ms", "codec GB/s", "copy GB/s", "of copy"],
         rows,
     )
+    keys = [] if args.host_only else [bench_topk_keys(mb, device, warmup, repeats) for mb in sizes]
+    print_table(
+        f"top-k 1% selection only: fp32 vs fp16 keys ({where})",
+        ["MB", "k", "fp32 us", "fp16 us", "fp16 set agreement"],
+        [[r["size_mb"], r["k"], r["fp32_us"], r["fp16_us"], r["fp16_agreement"]] for r in keys],
+    )
     fallbacks = {k.name: k.failed for k in fk.KERNELS if k.failed}
     if fallbacks:
         print(f"fused kernels that fell back to eager: {fallbacks}", file=sys.stderr)
@@ -373,6 +405,7 @@ def main() -> None:
             "host_overhead_calls": calls,
             "host_overhead": host,
             "results": records,
+            "topk_keys": keys,
         },
         args.out,
     )
