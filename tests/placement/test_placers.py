@@ -158,7 +158,11 @@ def test_infeasible_request_names_the_minimum_device_count() -> None:
         assert info.value.min_devices == 7
         assert name in str(info.value)
     g.add_node("huge", 1e-3, permanent=2 * GIB)
-    with pytest.raises(InfeasiblePlacementError, match="no number of such devices"):
+    # The message names the unit that fits nowhere and its size, not the node that failed.
+    with pytest.raises(
+        InfeasiblePlacementError,
+        match=r"node 'huge' needs 2 GiB, more than one device of 1.5 GiB holds; no number of such",
+    ):
         m_etf(g, cluster)
 
 

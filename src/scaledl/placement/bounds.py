@@ -115,9 +115,15 @@ def infeasible(
     name = graph.names[node]
     req = graph.peak(node) / GIB
     if need is None:
+        members, _, peak = max(group_units(graph), key=lambda u: u[2])
+        first = members[0]
+        module = graph.module[first]
+        unit = repr(graph.names[first]) + (f" ({module})" if module else "")
+        if len(members) > 1:
+            unit += f" and its colocation group ({len(members)} nodes)"
         msg = (
-            f"{algorithm}: node {name!r} (or its colocation group) needs more than one device "
-            f"of {cap:.3g} GiB holds; no number of such devices suffices"
+            f"{algorithm}: node {unit} needs {peak / GIB:.3g} GiB, more than one device of "
+            f"{cap:.3g} GiB holds; no number of such devices suffices"
         )
     elif need > len(cluster):
         msg = (
