@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Bad input (a wrong value, a missing file): one line and exit status 2, like argparse's.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere on the line, also after the sub-command.
@@ -82,9 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         else:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            kind = "" if isinstance(exc, ValueError) else f"{type(exc).__name__}: "
+            kind = "" if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: "
             print(f"scaledl: error: {kind}{first} (use --debug for the traceback)", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
+        return 2 if isinstance(exc, USER_ERRORS) else 1
     return int(code or 0)
 
 

@@ -176,6 +176,22 @@ def test_save_and_load_round_trip(tmp_path, data):
     assert bank.medoid == TemplateBank(data).medoid
     with pytest.raises(ValueError, match=r"templates\.npz"):
         load_segmenter(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model folder .* does not exist.*segment train"):
+        load_segmenter(tmp_path / "missing")
+
+
+def test_segment_cli_missing_files_are_one_line_errors(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    assert cli_main(["segment", "eval", "--model", missing]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"scaledl: error: model folder {missing} does not exist: train one with 'scaledl "
+        f"segment train --out {missing}' (use --debug for the traceback)"
+    ]
+    # a missing input is named before any model is loaded
+    code = cli_main(["segment", "predict", str(tmp_path / "x.png"), "--model", missing])
+    assert code == 2
+    assert f"input {tmp_path / 'x.png'} does not exist (1 missing)" in capsys.readouterr().err
 
 
 def test_segment_cli_train_eval_predict(tmp_path, capsys):

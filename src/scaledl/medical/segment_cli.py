@@ -204,6 +204,9 @@ def _predict(args: argparse.Namespace) -> None:
     from scaledl.medical.segmentation_data import _read_2d_slices, _resize
     from scaledl.medical.segmentation_train import load_segmenter, predict_proba
 
+    missing = [f for f in args.inputs if not Path(f).is_file()]
+    if missing:  # before loading the model: a typo should not wait for it
+        raise ValueError(f"input {missing[0]} does not exist ({len(missing)} missing)")
     device = _device(args)
     model, bank = load_segmenter(args.model, device)
     size = bank.images.shape[-1]
@@ -212,8 +215,6 @@ def _predict(args: argparse.Namespace) -> None:
     written = []
     for f in progress(args.inputs, description="predicting", disable=args.json):
         path = Path(f)
-        if not path.is_file():
-            raise ValueError(f"input {path} does not exist")
         for j, img in enumerate(_read_2d_slices(path)):
             lo, hi = np.percentile(img, [1, 99])
             img = np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1)
@@ -304,6 +305,11 @@ def _eval_entry(args: argparse.Namespace) -> None:
         args.corruptions = list(CORRUPTIONS)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(
+            f"model folder {args.model} does not exist: train one with 'scaledl segment train "
+            f"--out {args.model}'"
+        )
     if not args.json:
         err_console.print(f"evaluating {args.model} on {args.n} images ...")
     _eval(args)

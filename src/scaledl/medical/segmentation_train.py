@@ -363,6 +363,11 @@ def load_segmenter(
 ) -> tuple[ShapePriorNet, TemplateBank]:
     """Load what :func:`save_segmenter` wrote: the model and a template bank on ``device``."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model folder {path} does not exist: train one with 'scaledl segment train --out "
+            f"{path}' (or save_segmenter)"
+        )
     if not (path / "templates.npz").is_file():
         raise ValueError(f"{path} has no templates.npz; save it with save_segmenter")
     model = ShapePriorNet.from_pretrained(path).to(device).eval()
