@@ -1,0 +1,61 @@
+"""The segmentation benchmark's oracle-occluder diagnostic (``bench/segmentation_robustness.py``):
+it closes exactly the match-grid cells the occluders changed, finds each image whatever the
+batching, leaves other images alone, is restored afterwards, and never wins the target check."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "segmentation_robustness.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("segmentation_robustness_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(BENCH.parent))
+
+
+class _Model:
+    """Stands in for a gated ShapePriorNet: its own anomaly evidence is a constant."""
+
+    def anomaly_evidence(self, image: torch.Tensor, coarse_hw) -> torch.Tensor:
+        return torch.full((image.shape[0], 1, *coarse_hw), 0.5)
+
+
+def test_oracle_closes_the_changed_cells_only(bench):
+    rng = np.random.default_rng(0)
+    clean = rng.random((3, 1, 16, 16)).astype(np.float32)
+    corrupted = clean.copy()
+    corrupted[1, 0, 4:8, 8:12] = 0.7  # one 4x4 cell of the 4x4 grid, in image 1 only
+    corrupted[2, 0, 0:1, 0:4] = 0.9  # a quarter of one cell: closed too
+    corrupted[2, 0, 12:13, 12:13] = 0.9  # 1/16 of a cell: left to the gate
+    model = _Model()
+    with bench.oracle_occluders(model, corrupted, clean):
+        # any order and batching: each image is found by value
+        ev = model.anomaly_evidence(torch.as_tensor(corrupted[[2, 0, 1]]), (4, 4))
+    assert "anomaly_evidence" not in vars(model)  # the method is restored
+    closed = torch.isinf(ev[:, 0])
+    expected = torch.zeros(3, 4, 4, dtype=torch.bool)
+    expected[0, 0, 0] = True  # batch position 0 is image 2: its quarter-cell occluder
+    expected[2, 1, 2] = True  # batch position 2 is image 1: its one-cell occluder
+    assert torch.equal(closed, expected)  # image 0 (position 1) was not occluded
+    assert torch.all(ev[~closed.unsqueeze(1)] == 0.5)  # elsewhere the model's own evidence
+
+
+def test_oracle_rows_are_named_and_never_target_candidates(bench):
+    oracle = bench.gate_row_name("SPN", ((0.001, 0.005), True, True, True))
+    assert oracle == "SPN+gate(0.1/0.5%,oracle occluders)"
+    assert bench.is_diagnostic(oracle) and bench.is_diagnostic(oracle + " / fixed")
+    plain = bench.gate_row_name("SPN", ((0.001, 0.005), True, True))
+    assert plain == "SPN+gate(0.1/0.5%)" and not bench.is_diagnostic(plain)
