@@ -186,7 +186,7 @@ def test_segment_cli_missing_files_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"scaledl: error: model folder {missing} does not exist: train one with 'scaledl "
-        f"segment train --out {missing}' (use --debug for the traceback)"
+        f"segment train --out {missing}' (or save_segmenter) (use --debug for the traceback)"
     ]
     # a missing input is named before any model is loaded
     code = cli_main(["segment", "predict", str(tmp_path / "x.png"), "--model", missing])

@@ -305,11 +305,9 @@ def _eval_entry(args: argparse.Namespace) -> None:
         args.corruptions = list(CORRUPTIONS)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(
-            f"model folder {args.model} does not exist: train one with 'scaledl segment train "
-            f"--out {args.model}'"
-        )
+    from scaledl.medical.segmentation_train import require_model_folder
+
+    require_model_folder(args.model)  # before the "evaluating" line
     if not args.json:
         err_console.print(f"evaluating {args.model} on {args.n} images ...")
     _eval(args)

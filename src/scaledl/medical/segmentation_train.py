@@ -358,16 +358,22 @@ def save_segmenter(path: str | Path, model: ShapePriorNet, templates: Segmentati
     return path
 
 
-def load_segmenter(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[ShapePriorNet, TemplateBank]:
-    """Load what :func:`save_segmenter` wrote: the model and a template bank on ``device``."""
+def require_model_folder(path: str | Path) -> Path:
+    """``path`` as a ``Path`` if it is a folder, else an error that says how to make one."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
             f"model folder {path} does not exist: train one with 'scaledl segment train --out "
             f"{path}' (or save_segmenter)"
         )
+    return path
+
+
+def load_segmenter(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[ShapePriorNet, TemplateBank]:
+    """Load what :func:`save_segmenter` wrote: the model and a template bank on ``device``."""
+    path = require_model_folder(path)
     if not (path / "templates.npz").is_file():
         raise ValueError(f"{path} has no templates.npz; save it with save_segmenter")
     model = ShapePriorNet.from_pretrained(path).to(device).eval()
