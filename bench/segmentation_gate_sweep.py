@@ -23,7 +23,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -35,6 +34,7 @@ from scaledl.medical.segmentation_train import (
     TemplateBank,
     TrainConfig,
     predict_proba,
+    segmentation_metrics,
     train_segmenter,
 )
 
@@ -51,17 +51,6 @@ SETTINGS: list[tuple[str, dict[str, float]]] = [
     ("tau 1000", {"match_tau": 1000.0}),
 ]
 CONDITIONS = ("clean", "noise-3", "occlusion-3")
-
-
-def per_class_dice(pred: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Dice (N, K) per image and foreground class; 1 where a class is absent from both."""
-    out = np.zeros((len(pred), k))
-    for c in range(1, k + 1):
-        p, t = pred == c, labels == c
-        inter = (p & t).sum((1, 2))
-        den = p.sum((1, 2)) + t.sum((1, 2))
-        out[:, c - 1] = np.where(den > 0, 2 * inter / np.maximum(den, 1), 1.0)
-    return out
 
 
 @contextlib.contextmanager
@@ -124,7 +113,9 @@ def main() -> None:
                         )
                         with ctx:
                             probs = predict_proba(model, imgs, bank, "fixed", 5, 32, device)
-                        d = per_class_dice(probs.argmax(1).numpy(), test.labels, k)
+                        d = segmentation_metrics(probs.argmax(1), test.labels, k, hd95=False)[
+                            "dice"
+                        ]
                         rec[cond] = {
                             "mean": 100 * float(d.mean()),
                             "per_class": [100 * float(x) for x in d.mean(0)],

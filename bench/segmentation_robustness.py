@@ -296,15 +296,15 @@ def oracle_occluders(model: torch.nn.Module, corrupted: np.ndarray, clean: np.nd
     every coarse position of the match grid where at least a quarter of the pixels were
     changed by the occluders (known here from the clean test image; no method can know it).
     Each batch's images are found among ``corrupted`` by value, so any batching works."""
-    changed = torch.as_tensor(np.abs(corrupted - clean).reshape(len(clean), -1).max(1) > 0)
-    stored = torch.as_tensor(corrupted)
+    stored = torch.as_tensor(corrupted).flatten(1)
     masks = torch.as_tensor(corrupted != clean).float()
+    changed = masks.flatten(1).any(1)
     original = model.anomaly_evidence
 
     def evidence(image: torch.Tensor, coarse_hw) -> torch.Tensor:
         ev = original(image, coarse_hw)
-        flat = image.detach().float().cpu().reshape(image.shape[0], -1)
-        rows = [int(torch.nonzero((stored.reshape(len(stored), -1) == x).all(1))[0]) for x in flat]
+        flat = image.detach().float().cpu().flatten(1)
+        rows = [int(torch.nonzero((stored == x).all(1))[0]) for x in flat]
         if not changed[rows].any():
             return ev
         m = masks[rows].reshape(image.shape).to(ev.device)

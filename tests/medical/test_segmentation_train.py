@@ -67,6 +67,12 @@ def test_hd95_worst_case_rule_for_missed_and_hallucinated_structures():
     assert s["hd95_box"] == pytest.approx((1 + 2 * worst) / 3)
     with pytest.raises(ValueError, match="missed"):
         segmentation_metrics(pred, truth, 1, missed="skip")
+    # Dice alone: the same Dice under the same rule, no HD95
+    fast = segmentation_metrics(
+        np.concatenate([pred, empty]), np.concatenate([truth, empty]), 1, hd95=False
+    )
+    assert set(fast) == {"dice"}
+    np.testing.assert_array_equal(fast["dice"], np.concatenate([m["dice"], both["dice"]]))
 
 
 def test_medoid_has_highest_mean_mask_dice():
