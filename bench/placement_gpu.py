@@ -83,8 +83,9 @@ ALGOS = ["m-topo", "m-etf", "m-sct"]
 
 
 # -- models and their expert splits ------------------------------------------------------------
-def _branches(quick: bool):
-    width, depth, batch = (64, 2, 16) if quick else (4096, 4, 1024)
+def _branches(quick: bool, batch: int | None = None):
+    width, depth, default = (64, 2, 16) if quick else (4096, 4, 1024)
+    batch = batch or default
     model = ParallelBranches(branches=4, depth=depth, width=width)
     inputs = (torch.randn(batch, width),)
     # Expert: half of the branches on each GPU, the input layer on 0 and the output on 1.
@@ -96,13 +97,13 @@ def _branches(quick: bool):
     )
 
 
-def _transformer(quick: bool):
+def _transformer(quick: bool, batch: int | None = None):
     if quick:
         model = Seq2SeqTransformer(vocab=500, d=32, heads=4, ff=64, layers=2)
-        batch, vocab = 4, 500
+        batch, vocab = batch or 4, 500
     else:
         model = Seq2SeqTransformer()
-        batch, vocab = 128, 30000
+        batch, vocab = batch or 128, 30000
     inputs = (torch.randint(0, vocab, (batch, 50)), torch.randint(0, vocab, (batch, 50)))
     # Expert (spec §2.10): encoder on GPU 0, decoder and projection on GPU 1.
     return (
@@ -113,11 +114,14 @@ def _transformer(quick: bool):
     )
 
 
-def _inception(quick: bool):
+def _inception(quick: bool, batch: int | None = None):
+    # GPU batch 128 (64 until 2026-11-28): at 64 the split placements' steps were bound by the
+    # Python host's launches, whose speed drifted by up to 2x between rounds.
     if quick:
-        model, x = InceptionNet(blocks=2, width=4, classes=10), torch.randn(2, 3, 32, 32)
+        model, x = InceptionNet(blocks=2, width=4, classes=10), torch.randn(batch or 2, 3, 32, 32)
     else:
-        model, x = InceptionNet(blocks=6, width=64, classes=1000), torch.randn(64, 3, 224, 224)
+        model = InceptionNet(blocks=6, width=64, classes=1000)
+        x = torch.randn(batch or INCEPTION_BATCH, 3, 224, 224)
     # Expert: the two deeper branches of every block on GPU 1, the rest on GPU 0.
     return (
         model,
@@ -127,7 +131,12 @@ def _inception(quick: bool):
     )
 
 
-MODELS: dict[str, Callable[[bool], tuple]] = {
+#: The Inception model's batch on GPU. Runs before this default existed used 64 (their JSON
+#: has no ``batch``; :data:`LEGACY_BATCH` replays them).
+INCEPTION_BATCH = 128
+LEGACY_BATCH = {"branches": 1024, "transformer": 128, "inception": 64}
+
+MODELS: dict[str, Callable[..., tuple]] = {
     "branches": _branches,
     "transformer": _transformer,
     "inception": _inception,
@@ -976,7 +985,7 @@ def run_model(
     name: str, args, devices, comm, calib: dict[str, Any]
 ) -> tuple[list[list], dict[str, Any]]:
     torch.manual_seed(0)
-    model, inputs, leaves, expert_rule = MODELS[name](args.quick)
+    model, inputs, leaves, expert_rule = MODELS[name](args.quick, args.batch.get(name))
     dev0 = devices[0]
     model = model.to(dev0)
     inputs = tuple(x.to(dev0) for x in inputs)
@@ -1177,6 +1186,7 @@ def run_model(
         )
     info = {
         "model": name,
+        "batch": int(inputs[0].shape[0]),
         "summary": compare(records),
         "profile_s": profile_s,
         "graph_nodes": len(graph),
@@ -1420,6 +1430,20 @@ def _pct(x: float | None, sign: bool = True) -> str:
     return "-" if x is None else (f"{x:+.1%}" if sign else f"{x:.1%}")
 
 
+def parse_batches(items: list[str]) -> dict[str, int]:
+    """``["inception=64"]`` -> ``{"inception": 64}``, with a clear error on a bad item."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in MODELS or not value.isdigit() or int(value) < 1:
+            raise SystemExit(
+                f"--batch: expected MODEL=N with MODEL in {', '.join(MODELS)} and N >= 1, "
+                f"got {item!r}"
+            )
+        out[name] = int(value)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small models on CPU, 2 logical devices")
@@ -1475,8 +1499,17 @@ def main() -> None:
         "configuration (now, default: the host's speed drifts during a run) or calibrated "
         "once per model (run)",
     )
+    ap.add_argument(
+        "--batch",
+        nargs="+",
+        default=[],
+        metavar="MODEL=N",
+        help=f"a model's batch (default: branches 1024, transformer 128, inception "
+        f"{INCEPTION_BATCH}; --quick: smaller)",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/)")
     args = ap.parse_args()
+    args.batch = parse_batches(args.batch)
     if args.diagnose and "--models" not in sys.argv:
         args.models = list(args.diagnose)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

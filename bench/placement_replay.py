@@ -103,7 +103,9 @@ def replay_model(
     name = info["model"]
     quick = run.get("mode") == "quick-cpu"
     with torch.device("meta"):
-        model, inputs, leaves, expert_rule = bench.MODELS[name](quick)
+        # Runs before the batch was recorded used the legacy GPU batches.
+        batch = info.get("batch") or (None if quick else bench.LEGACY_BATCH[name])
+        model, inputs, leaves, expert_rule = bench.MODELS[name](quick, batch)
     traced = trace(model, inputs, leaf_modules=leaves)
     graph = traced.op_graph()
     seconds = info["node_seconds"]

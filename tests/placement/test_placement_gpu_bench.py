@@ -619,6 +619,7 @@ def test_run_model_interleaves_rounds_and_stops_repeating_a_failure(bench, monke
         quick=True, rounds=2, steps=1, warmup=1, chain_steps=1, cap_fraction=0.65,
         headroom_gib=2.0, contention="shared", profile_repeats=1, grad_copies="deferred",
         diagnose=None, placements=["m-etf", "expert", "single (uncapped)"], host_model="now",
+        batch={"branches": 8},
     )  # fmt: skip
     devices = [torch.device("cpu")] * 2
     real, calls = bench.measure_step, []
@@ -643,6 +644,7 @@ def test_run_model_interleaves_rounds_and_stops_repeating_a_failure(bench, monke
     comm = CommCost(1e-5, 1e-9)
     calib = {"chains": {}, "copy_slowdown": 0.0}
     _, info = bench.run_model("branches", args, devices, comm, calib)
+    assert info["batch"] == 8  # --batch reaches the model and the JSON (the replay needs it)
     order = [c for c in calls if c[0] in args.placements]
     # The expert fails in round 1 under deferred copies, then under autograd's: not again.
     assert order == [
@@ -660,3 +662,10 @@ def test_run_model_interleaves_rounds_and_stops_repeating_a_failure(bench, monke
         now = [r["simulated_host_now_s"] for r in rec["rounds"]]
         assert rec["simulated_host_s"] == max(now) == rec["replay_terms_s"]["+ host speed now"]
         assert len(rec["host_chain_us"]["rounds"]) == 2
+
+
+def test_parse_batches_names_a_bad_item(bench) -> None:
+    assert bench.parse_batches(["inception=64", "branches=8"]) == {"inception": 64, "branches": 8}
+    for bad in ("inception", "resnet=4", "inception=0", "inception=x"):
+        with pytest.raises(SystemExit, match=f"got {bad!r}"):
+            bench.parse_batches([bad])
