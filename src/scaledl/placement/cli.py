@@ -53,6 +53,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inference", action="store_true", help="place the forward graph only (no training)"
     )
+    parser.add_argument(
+        "--refine",
+        nargs="?",
+        type=float,
+        const=10.0,
+        default=None,
+        metavar="SECONDS",
+        help="improve the placer's plan by local search (single-group moves kept when the "
+        "simulated step drops and memory fits), for at most SECONDS (default 10)",
+    )
     parser.add_argument("--gantt", metavar="FILE.png", help="draw the schedule per device")
     add_json_flag(parser)
     parser.set_defaults(func=_cmd)
@@ -68,6 +78,8 @@ def _cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"--devices must be >= 1, got {args.devices}")
     if args.memory <= 0:
         raise ValueError(f"--memory must be > 0 GiB, got {args.memory}")
+    if args.refine is not None and args.refine <= 0:
+        raise ValueError(f"--refine must be > 0 seconds, got {args.refine}")
     steps = iter(["trace", "place", "report"])
     plan = None
     for step in progress(steps, total=3, description="placing", disable=args.json):
@@ -83,7 +95,8 @@ def _cmd(args: argparse.Namespace) -> int:
             )
         elif step == "place":
             cluster = Cluster.uniform(args.devices, args.memory * GIB, contention=args.contention)
-            plan = place_graph(traced.op_graph(), cluster, args.algorithm)
+            refine = {"refine": True, "refine_seconds": args.refine} if args.refine else {}
+            plan = place_graph(traced.op_graph(), cluster, args.algorithm, **refine)
             plan.traced = traced
     assert plan is not None
     summary = plan.summary()
@@ -98,7 +111,7 @@ def _cmd(args: argparse.Namespace) -> int:
             replay.schedule,
             args.gantt,
             n_devices=args.devices,
-            title=f"{args.model}: {args.algorithm} on {args.devices} x {args.memory:g} GiB, "
+            title=f"{args.model}: {plan.algorithm} on {args.devices} x {args.memory:g} GiB, "
             f"simulated step {replay.makespan * 1e3:.3g} ms",
         )
         summary["gantt"] = args.gantt
@@ -107,7 +120,7 @@ def _cmd(args: argparse.Namespace) -> int:
         for d in range(args.devices)
     ]
     table = make_table(
-        f"{args.model}: {args.algorithm} placement",
+        f"{args.model}: {plan.algorithm} placement",
         ["device", "nodes", "peak GiB", "limit GiB"],
         rows,
     )

@@ -20,6 +20,7 @@ from scaledl.placement.graph import OpGraph
 from scaledl.placement.m_etf import m_etf
 from scaledl.placement.m_sct import m_sct
 from scaledl.placement.m_topo import m_topo
+from scaledl.placement.refine import refine_placement
 from scaledl.placement.shrink import ShrunkGraph, shrink
 from scaledl.placement.simulator import PlacementResult, simulate
 from scaledl.placement.trace import TracedModel, trace
@@ -110,10 +111,17 @@ def place_graph(
     *,
     shrink_graph: bool = True,
     max_group_fraction: float = 0.25,
+    refine: bool = False,
+    refine_seconds: float = 10.0,
     **options: Any,
 ) -> Plan:
     """Shrink ``graph`` (groups capped at ``max_group_fraction`` of the smallest device), place
     it with ``algorithm`` and map the placement back to every node.
+
+    With ``refine`` the placer's plan is then improved by :func:`refine_placement` (moves of
+    one fused group at a time, kept when the simulated step time drops and memory still fits;
+    at most ``refine_seconds``); the result's algorithm reads e.g. ``m-sct+refine`` and its
+    ``extra`` holds the search's figures.
 
     The placer budgets memory on the fused graph, whose accounting can differ slightly from the
     original graph's (a fused node's inputs and temporaries are charged at different times). So
@@ -151,6 +159,26 @@ def place_graph(
             "devices, or pass shrink_graph=False",
             lower_bounds(graph, cluster)["min_devices"],
         )
+    if refine:
+        ref = refine_placement(
+            graph,
+            np.asarray(result.placement),
+            cluster,
+            node_of=sg.node_of if sg is not None else None,
+            contention=options.get("contention"),
+            time_budget_s=refine_seconds,
+        )
+        # The shrunk graph's schedule of the refined plan gives the launch order (fx_order).
+        result = simulate(
+            target,
+            ref.placement,
+            cluster,
+            contention=options.get("contention"),
+            release_memory=False,
+            algorithm=f"{algorithm}+refine",
+        )
+        result.extra.update(ref.summary())
+        placement = sg.expand(ref.placement) if sg is not None else ref.placement
     # Report against the caller's limits; the (possibly tightened) ones used are kept as extra.
     result.extra["planned_memory_limits"] = [int(x) for x in limits]
     result.cluster = cluster
