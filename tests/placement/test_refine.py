@@ -119,3 +119,27 @@ def test_cli_refine_reports_the_search(capsys) -> None:
     assert all(p <= 1 for p in out["peak_memory_gib"])
     assert main([*args, "--refine", "0"]) == 2
     assert "--refine must be > 0 seconds" in capsys.readouterr().err
+
+
+def test_refined_plan_keeps_each_backward_with_its_forward() -> None:
+    """The executor runs ``bwd:v`` where ``fwd:v`` ran, parameterless ``v`` (cat, pooling)
+    included: the refined plan must be that plan, or its simulated gain is not real."""
+    from scaledl.placement.models import ConvBNReLU, InceptionNet
+    from scaledl.placement.refine import move_units
+
+    with torch.device("meta"):
+        model, x = InceptionNet(blocks=2, width=8, classes=10), torch.randn(16, 3, 64, 64)
+    plan = place(model, (x,), devices=2, memory_gib=0.03, leaf_modules=(ConvBNReLU,), refine=True)
+    by_name = plan.by_name()
+    assert set(by_name.values()) == {0, 1}
+    paired = [n for n in by_name if n.startswith(("bwd:", "opt:"))]
+    assert paired and any(not plan.graph.params[plan.graph.index[n]] for n in paired)
+    for name in paired:
+        assert by_name[name] == by_name["fwd:" + name.split(":", 1)[1]], name
+    # Every unit of the shrunk graph holds whole fwd/bwd/opt triples.
+    sg = plan.shrunk
+    unit_of = {g: k for k, unit in enumerate(move_units(plan.graph, sg.node_of)) for g in unit}
+    for name in paired:
+        fwd = "fwd:" + name.split(":", 1)[1]
+        i, j = plan.graph.index[name], plan.graph.index[fwd]
+        assert unit_of[int(sg.node_of[i])] == unit_of[int(sg.node_of[j])]
