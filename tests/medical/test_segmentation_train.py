@@ -265,6 +265,20 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
     assert set(res["conditions"]) == {"clean", "noise-3", "occlusion-3"}
     assert {"dice_lung_right", "hd95_heart", "dice_mean"} <= set(res["conditions"]["clean"])
     assert (overlays / "occlusion-3_000.png").is_file()
+    # --restore: the front end (fitted on the model's templates) runs before the model and
+    # reports what it did per condition: nothing on clean images.
+    restore_args = ["segment", "eval", "--model", model, "--n", "2", "--restore"]
+    restore_args += ["--corruptions", "noise", "occlusion", "--severities", "3", *common]
+    assert cli_main(restore_args) == 0
+    restored = json.loads(capsys.readouterr().out)
+    assert restored["restore"] is True
+    cond = restored["conditions"]
+    assert cond["clean"]["restore_filled_images"] == cond["clean"]["restore_denoised_images"] == 0
+    assert cond["noise-3"]["restore_denoised_images"] == 2
+    assert cond["occlusion-3"]["restore_filled_images"] >= 1  # at 32² one occluder may be < 3x3
+    assert cond["clean"]["dice_mean"] == res["conditions"]["clean"]["dice_mean"] or (
+        res["mode"] != restored["mode"]
+    )
     assert (
         cli_main(
             [
@@ -275,6 +289,7 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
                 model,
                 "--out",
                 str(tmp_path / "pred"),
+                "--restore",
                 "--json",
             ]
         )

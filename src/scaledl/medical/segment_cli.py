@@ -88,6 +88,21 @@ def _add_template_args(p: argparse.ArgumentParser) -> None:
         "--mode", default="ensemble", choices=["fixed", "nearest", "ensemble"], help="templates"
     )
     p.add_argument("--k", type=int, default=5, help="templates averaged in ensemble mode")
+    p.add_argument(
+        "--restore",
+        action="store_true",
+        help="put the training-free restoration front end before the model: featureless "
+        "regions inpainted, strong noise denoised (reference noise: the model's templates)",
+    )
+
+
+def _restorer(args: argparse.Namespace, bank):
+    """The restoration front end fitted on the model's template images, or None."""
+    if not args.restore:
+        return None
+    from scaledl.medical.restoration import Restorer
+
+    return Restorer().fit(bank.images.detach().cpu().numpy())
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -153,6 +168,7 @@ def _eval(args: argparse.Namespace) -> None:
         if c not in CORRUPTIONS:
             raise ValueError(f"unknown corruption {c!r}; choose from {', '.join(CORRUPTIONS)}")
     rows: dict[str, dict[str, float]] = {}
+    restorer = _restorer(args, bank)
     for kind, sev in progress(conditions, description="evaluating", disable=args.json):
         name = "clean" if kind == "clean" else f"{kind}-{sev}"
         images = (
@@ -160,10 +176,14 @@ def _eval(args: argparse.Namespace) -> None:
             if kind == "clean"
             else corrupt_batch(data.images, kind, sev, 7, data.labels)
         )
+        if restorer is not None:
+            images = restorer(images)
         pred = predict_proba(model, images, bank, args.mode, args.k, device=device).argmax(1)
         rows[name] = summarize(
             segmentation_metrics(pred, data.labels, data.num_classes), data.class_names
         )
+        if restorer is not None:
+            rows[name].update({f"restore_{k}": v for k, v in restorer.stats.items()})
         if args.overlays:
             for i in range(min(args.n_overlays, len(data))):
                 save_overlay_png(
@@ -177,8 +197,8 @@ def _eval(args: argparse.Namespace) -> None:
     clean = rows["clean"]["dice_mean"]
     names = list(data.class_names)
     table = make_table(
-        f"Robustness ({args.mode} templates): Dice % per class, mean HD95 (px), gap = clean - "
-        "corrupted Dice",
+        f"Robustness ({args.mode} templates{', restored' if args.restore else ''}): Dice % per "
+        "class, mean HD95 (px), gap = clean - corrupted Dice",
         ["condition", *names, "mean Dice", "mean HD95", "gap"],
         [
             [
@@ -191,7 +211,13 @@ def _eval(args: argparse.Namespace) -> None:
             for cond, r in rows.items()
         ],
     )
-    result = {"model": str(args.model), "mode": args.mode, "images": len(data), "conditions": rows}
+    result = {
+        "model": str(args.model),
+        "mode": args.mode,
+        "restore": bool(args.restore),
+        "images": len(data),
+        "conditions": rows,
+    }
     emit(args, result, table)
     if args.overlays and not args.json:
         console.print(f"overlays (input | prediction | truth) in {args.overlays}")
@@ -210,6 +236,7 @@ def _predict(args: argparse.Namespace) -> None:
     device = _device(args)
     model, bank = load_segmenter(args.model, device)
     size = bank.images.shape[-1]
+    restorer = _restorer(args, bank)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -219,6 +246,8 @@ def _predict(args: argparse.Namespace) -> None:
             lo, hi = np.percentile(img, [1, 99])
             img = np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1)
             small = _resize(img, size, 1).astype(np.float32)
+            if restorer is not None:
+                small = restorer(small[None, None])[0, 0]
             probs = predict_proba(
                 model, torch.from_numpy(small)[None, None], bank, args.mode, args.k
             )
