@@ -367,8 +367,9 @@ def main() -> None:
     if args.restore:
         restorer = Restorer().fit(train.images)
         for cond, imgs in sets.items():
-            restored[cond] = restorer(imgs)
-            print(f"restore {cond}: {restorer.stats}", flush=True)
+            done = restorer.restore(imgs)
+            restored[cond] = done.images
+            print(f"restore {cond}: {done.summary()}", flush=True)
     t_data = time.perf_counter() - t_start
     print(
         f"data: {len(train)} train / {len(test)} test at {args.size}², lungs={source}, "

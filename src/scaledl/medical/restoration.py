@@ -22,7 +22,7 @@ flat and is not found.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -118,7 +118,6 @@ class Restorer:
     rel: float = 0.2
     min_fraction: float = 0.0007
     grow: int = 2
-    stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.noise_factor <= 1:
@@ -158,9 +157,7 @@ class Restorer:
                 x = denoise_tv_chambolle(x, weight=level)
                 denoised[i] = True
             out[i, 0] = x
-        result = Restoration(out, filled, sigma, denoised)
-        self.stats = result.summary()
-        return result
+        return Restoration(out, filled, sigma, denoised)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.restore(images).images

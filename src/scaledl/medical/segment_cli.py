@@ -176,14 +176,15 @@ def _eval(args: argparse.Namespace) -> None:
             if kind == "clean"
             else corrupt_batch(data.images, kind, sev, 7, data.labels)
         )
-        if restorer is not None:
-            images = restorer(images)
+        restored = restorer.restore(images) if restorer is not None else None
+        if restored is not None:
+            images = restored.images
         pred = predict_proba(model, images, bank, args.mode, args.k, device=device).argmax(1)
         rows[name] = summarize(
             segmentation_metrics(pred, data.labels, data.num_classes), data.class_names
         )
-        if restorer is not None:
-            rows[name].update({f"restore_{k}": v for k, v in restorer.stats.items()})
+        if restored is not None:
+            rows[name].update({f"restore_{k}": v for k, v in restored.summary().items()})
         if args.overlays:
             for i in range(min(args.n_overlays, len(data))):
                 save_overlay_png(

@@ -25,6 +25,7 @@ import numpy as np
 from scaledl.placement.cost_model import Cluster
 from scaledl.placement.graph import OpGraph
 from scaledl.placement.list_scheduler import ListScheduler
+from scaledl.placement.shrink import UnionFind
 
 
 @dataclass
@@ -78,29 +79,17 @@ def move_units(graph: OpGraph, node_of: np.ndarray | None = None) -> list[list[i
     (so the first is its earliest in topological order: a forward group when it has one)."""
     n_groups = int(node_of.max()) + 1 if node_of is not None and len(node_of) else len(graph)
     node_of = np.arange(len(graph)) if node_of is None else node_of
-    parent = list(range(n_groups))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
+    sets = UnionFind(n_groups)
     first: dict[str, int] = {}
     for i, name in enumerate(graph.names):
         g = int(node_of[i])
         base = name.split(":", 1)[1] if name.startswith(("fwd:", "bwd:", "opt:")) else None
         for key in (f"group:{graph.group[i]}" if graph.group[i] is not None else None, base):
             if key is not None:
-                union(first.setdefault(key, g), g)
+                sets.union(first.setdefault(key, g), g)
     units: dict[int, list[int]] = {}
     for g in range(n_groups):
-        units.setdefault(find(g), []).append(g)
+        units.setdefault(sets.find(g), []).append(g)
     return list(units.values())
 
 

@@ -22,7 +22,9 @@ import numpy as np
 from scaledl.placement.graph import OpGraph
 
 
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets over 0..n-1 with path halving; ``union`` keeps ``a``'s root."""
+
     def __init__(self, n: int) -> None:
         self.parent = list(range(n))
 
@@ -89,7 +91,7 @@ def shrink(
     """Group and fuse ``graph``; see the module docstring for the rules."""
     n = len(graph)
     order, rank = graph.topo()
-    uf = _UnionFind(n)
+    uf = UnionFind(n)
     first_of: dict[str, int] = {}
     for i, key in enumerate(graph.group):
         if key is not None:
@@ -122,7 +124,7 @@ def shrink(
     group_root = [uf.find(i) for i in range(n)]
 
     # Fusion on a mutable copy of the adjacency, node ids = original representative.
-    fz = _UnionFind(n)
+    fz = UnionFind(n)
     succ = [set(s) for s in graph.succ]
     pred = [set(p) for p in graph.pred]
     tensors = {e: dict(ts) for e, ts in graph.edge_tensors.items()}
@@ -183,7 +185,7 @@ def _other_path(succ: list[set[int]], a: int, b: int, budget: int = 20000) -> bo
     return False
 
 
-def _contract(fz: _UnionFind, succ, pred, tensors, a: int, b: int) -> None:
+def _contract(fz: UnionFind, succ, pred, tensors, a: int, b: int) -> None:
     """Merge b into a (a -> b is an edge); tensors of parallel edges are merged."""
     fz.parent[b] = a
     succ[a].discard(b)
