@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -140,6 +141,19 @@ def parse_args() -> argparse.Namespace:
         "training-free restoration front end (scaledl.medical.restoration: featureless regions "
         "inpainted, strong noise denoised): rows '... +restore', each compared with "
         "'BasicUNet +restore' for the target",
+    )
+    p.add_argument(
+        "--flat",
+        action="store_true",
+        help="also evaluate each gated model (first calibration) with featureless regions "
+        "closing the gate ('...,flat)') and, in addition, the closed region completed from "
+        "the atlas ('...,flat,complete K)')",
+    )
+    p.add_argument(
+        "--completion",
+        type=int,
+        default=5,
+        help="atlas entries averaged by the '...,complete K)' rows (default 5)",
     )
     p.add_argument("--lungs", default="auto", choices=["auto", "torchxrayvision", "parametric"])
     p.add_argument("--workers", type=int, help="processes computing HD95 (default: CPUs - 2)")
@@ -260,39 +274,69 @@ def target_dice(dice: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(dice[np.nonzero(hit)[0], target[hit] - 1])) if hit.any() else math.nan
 
 
+class GateSetting(NamedTuple):
+    """How a match-gate model is evaluated (its weights never change): calibrated at
+    ``quantiles`` (low, high) of the clean evidence, with or without the autoencoder's
+    anomaly evidence and its restoration of the closed region, with featureless regions
+    closing the gate (``flat``), with the closed region completed from the atlas
+    (``completion`` atlas entries; 0 off), and, as a diagnostic, with every occluder found
+    (``oracle``)."""
+
+    quantiles: tuple[float, float]
+    anomaly: bool = True
+    restore: bool = True
+    oracle: bool = False
+    flat: bool = False
+    completion: int = 0
+
+    @property
+    def ablation(self) -> bool:
+        """Evaluated for the first template mode only (and never behind the front end)."""
+        return not (self.anomaly and self.restore) or self.oracle
+
+
+#: Model attributes a GateSetting overrides for the duration of an evaluation.
+_GATE_ATTRS = ("match_quantiles", "match_restore_iterations", "match_flat", "match_completion")
+
+
 @contextlib.contextmanager
-def match_gate_state(model: torch.nn.Module, gate, train: SegmentationData, seed, device):
+def match_gate_state(
+    model: torch.nn.Module, gate: GateSetting | None, train: SegmentationData, seed, device
+):
     """Evaluate a match-gate model with the gate open everywhere (``gate`` None: thresholds
     below any evidence, exactly the model without the gate) or calibrated on the clean training
-    data at ``gate = (quantiles, anomaly, restore)``, quantiles (low, high), with or without
-    the autoencoder's anomaly evidence and its restoration of the closed region; the weights
-    never change."""
+    data as ``gate`` says; the weights never change."""
     if not getattr(model, "match_gate", False):
         yield
         return
-    saved = model.match_quantiles, model.match_restore_iterations
+    saved = {name: getattr(model, name) for name in _GATE_ATTRS}
     if gate is None:
         model.match_low.fill_(-3.0)
         model.match_high.fill_(-2.0)
+        model.match_flat, model.match_completion = False, 0
     else:
-        model.match_quantiles = tuple(gate[0])
+        model.match_quantiles = tuple(gate.quantiles)
+        model.match_flat, model.match_completion = gate.flat, gate.completion
         calibrate_match_gate(model, train, seed=seed, device=device)
-    if model.anomaly is not None and (gate is None or not gate[1]):
+    if model.anomaly is not None and (gate is None or not gate.anomaly):
         model.match_anomaly_threshold.fill_(math.inf)  # the anomaly evidence stays off
-    if gate is not None and not gate[2]:
+    if gate is not None and not gate.restore:
         model.match_restore_iterations = 0
     try:
         yield
     finally:
-        model.match_quantiles, model.match_restore_iterations = saved
+        for name, value in saved.items():
+            setattr(model, name, value)
 
 
-def gate_row_name(model_name: str, gate) -> str:
+def gate_row_name(model_name: str, gate: GateSetting | None) -> str:
     if gate is None:
         return model_name
-    (lo, hi), anomaly, restore, *oracle = gate
-    tag = ",no-DAE" if not anomaly else "" if restore else ",no-restore"
-    tag += ",oracle occluders" if oracle and oracle[0] else ""
+    lo, hi = gate.quantiles
+    tag = ",no-DAE" if not gate.anomaly else "" if gate.restore else ",no-restore"
+    tag += ",flat" if gate.flat else ""
+    tag += f",complete {gate.completion}" if gate.completion else ""
+    tag += ",oracle occluders" if gate.oracle else ""
     return f"{model_name}+gate({100 * lo:g}/{100 * hi:g}%{tag})"
 
 
@@ -407,18 +451,23 @@ def main() -> None:
                     flush=True,
                 )
                 modes = list(args.modes) if isinstance(model, ShapePriorNet) else ["-"]
-                gates = [None]
+                gates: list[GateSetting | None] = [None]
                 if getattr(model, "match_gate", False):
                     dae = model.anomaly is not None and bool(model.match_anomaly_trained)
-                    gates += [(q, True, True) for q in args.gate_quantiles]
+                    first = args.gate_quantiles[0]
+                    gates += [GateSetting(q) for q in args.gate_quantiles]
+                    if args.flat:  # featureless regions close the gate, with/without completion
+                        gates += [GateSetting(first, flat=True)]
+                        if model.match_templates > 1:
+                            gates += [GateSetting(first, flat=True, completion=args.completion)]
                     if dae:  # the first calibration without the anomaly evidence too (ablation)
-                        gates.append((args.gate_quantiles[0], False, False))
+                        gates.append(GateSetting(first, anomaly=False, restore=False))
                         if args.oracle_gate:  # and with every occluder found (diagnostic)
-                            gates.append((args.gate_quantiles[0], True, True, True))
+                            gates.append(GateSetting(first, oracle=True))
                         if model.match_restore_iterations > 0:  # and without the restoration
-                            gates.append((args.gate_quantiles[0], True, False))
+                            gates.append(GateSetting(first, restore=False))
                 for mode, gate in itertools.product(modes, gates):
-                    ablation = gate is not None and (not all(gate[1:3]) or len(gate) > 3)
+                    ablation = gate is not None and gate.ablation
                     if ablation and mode != modes[0]:
                         continue  # the ablations: first mode only
                     name = gate_row_name(model_name, gate)
@@ -427,12 +476,14 @@ def main() -> None:
                         for cond, imgs in sets.items():
                             oracle = (
                                 oracle_occluders(model, imgs, test.images)
-                                if gate is not None and len(gate) > 3 and cond.startswith("occl")
+                                if gate is not None and gate.oracle and cond.startswith("occl")
                                 else contextlib.nullcontext()
                             )
                             # Restored rows are never ablations, so never under the oracle.
                             runs = [(row, imgs)]
-                            if restored and not ablation and mode == modes[0]:
+                            # the front end inpaints featureless regions: no ",flat" row behind it
+                            flat = gate is not None and gate.flat
+                            if restored and not ablation and not flat and mode == modes[0]:
                                 runs.append((f"{row} {RESTORED}", restored[cond]))
                             with oracle:
                                 for key, images in runs:

@@ -54,11 +54,14 @@ def test_oracle_closes_the_changed_cells_only(bench):
 
 
 def test_oracle_rows_are_named_and_never_target_candidates(bench):
-    oracle = bench.gate_row_name("SPN", ((0.001, 0.005), True, True, True))
+    oracle = bench.gate_row_name("SPN", bench.GateSetting((0.001, 0.005), oracle=True))
     assert oracle == "SPN+gate(0.1/0.5%,oracle occluders)"
     assert bench.is_diagnostic(oracle) and bench.is_diagnostic(oracle + " / fixed")
-    plain = bench.gate_row_name("SPN", ((0.001, 0.005), True, True))
+    plain = bench.gate_row_name("SPN", bench.GateSetting((0.001, 0.005)))
     assert plain == "SPN+gate(0.1/0.5%)" and not bench.is_diagnostic(plain)
+    flat = bench.gate_row_name("SPN", bench.GateSetting((0.001, 0.005), flat=True, completion=5))
+    assert flat == "SPN+gate(0.1/0.5%,flat,complete 5)" and not bench.is_diagnostic(flat)
+    assert not bench.GateSetting((0.001, 0.005), flat=True).ablation
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # corruption groups with no condition

@@ -51,12 +51,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
+from scipy import ndimage
 from torch import nn
 
 from scaledl.medical.anomaly import DenoisingAutoencoder, train_denoising_autoencoder
+from scaledl.medical.restoration import flat_region_mask
 
 ATTENTIONS = ("prototype", "dense", "max")
 FUSIONS = ("concat", "gate", "both")
@@ -191,6 +194,37 @@ def grow_closed_regions(
             break
         grown = nxt
     return grown
+
+
+def featureless_regions(image: torch.Tensor) -> torch.Tensor:
+    """Featureless regions (B, 1, H, W) float of ``image`` (B, C, H, W), channel mean, by
+    :func:`scaledl.medical.restoration.flat_region_mask`: connected areas whose local
+    variation stays far below the image's own noise level (pasted occluders, burned-in
+    labels, clipped detector areas). Computed on the CPU (scipy's connected components)."""
+    arr = image.detach().float().mean(1).cpu().numpy().astype(np.float64)
+    flat = np.stack([flat_region_mask(x) for x in arr])
+    return torch.as_tensor(flat, dtype=image.dtype, device=image.device)[:, None]
+
+
+def reopen_explained(gate: torch.Tensor, explained: torch.Tensor) -> torch.Tensor:
+    """Open every region of a coarse gate (B, 1, h, w) that is not fully open (gate < 1,
+    8-connected) and touches an ``explained`` position (bool, same shape): the anomaly there is
+    accounted for by a known cause, which then decides alone where the gate closes, instead of
+    the coarse evidence's blob that spreads past it."""
+    if gate.shape != explained.shape or gate.ndim != 4:
+        raise ValueError(
+            f"gate {tuple(gate.shape)} and explained {tuple(explained.shape)} must be the same "
+            "(B, 1, h, w) shape"
+        )
+    partial = (gate < 1).cpu().numpy()
+    hit = explained.cpu().numpy()
+    reopen = np.zeros_like(partial)
+    for b in range(partial.shape[0]):
+        regions, n = ndimage.label(partial[b, 0], structure=np.ones((3, 3)))
+        if n:
+            touched = np.unique(regions[hit[b, 0] & (regions > 0)])
+            reopen[b, 0] = np.isin(regions, touched[touched > 0])
+    return torch.where(torch.as_tensor(reopen, device=gate.device), torch.ones_like(gate), gate)
 
 
 def joint_bilateral_filter(
@@ -541,6 +575,21 @@ class ShapePriorNet(nn.Module):
             occluders, and it gained only about +0.2 Dice under occlusion (CPU).
         match_restore_weight: weight of the second prediction's bounded logits under the
             closed gate (at 1 it costs more under noise, where the gate closes too).
+        match_flat: with the match gate and an image, featureless regions
+            (:func:`featureless_regions`) close the gate exactly where they lie: an occluder
+            pasted over anatomy carries no image information, and the decoder's output there
+            is replaced by the prior. A closed region of the coarse evidence that touches a
+            featureless region is reopened (:func:`reopen_explained`): the featureless region
+            explains that anomaly, and the coarse blob would silence the decoder on visible
+            anatomy around it. Inference only; training is unchanged.
+        match_flat_fraction: a coarse position counts as featureless (its match displacement
+            is interpolated from the surroundings) when at least this fraction of its pixels
+            are.
+        match_completion: k > 0 completes the shape under a closed gate from the atlas: the k
+            atlas label maps that agree best (mean foreground Dice) with the prediction where
+            the gate is open are averaged (:meth:`atlas_completion`) and replace the warped
+            template there; the decoder runs once, the output combination twice. Needs the
+            atlas (``match_templates`` > 1, calibrated). 0 (the default) turns it off.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -590,6 +639,9 @@ class ShapePriorNet(nn.Module):
         anomaly_features: Sequence[int] = (8, 16, 32, 64, 128, 8),
         match_restore_iterations: int = 0,
         match_restore_weight: float = 0.5,
+        match_flat: bool = False,
+        match_flat_fraction: float = 0.25,
+        match_completion: int = 0,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -625,6 +677,12 @@ class ShapePriorNet(nn.Module):
             raise ValueError(f"align_blur must be in [0, 1), got {align_blur}")
         if evidence_gate and prior == "attention":
             raise ValueError("evidence_gate needs prior='affine' or 'both' (an alignment)")
+        if match_flat and not match_gate:
+            raise ValueError("match_flat needs match_gate=True")
+        if match_completion and (not match_gate or match_templates < 2):
+            raise ValueError(
+                "match_completion needs match_gate=True and match_templates > 1 (the atlas)"
+            )
         if match_gate and (not label_prior or prior == "affine"):
             raise ValueError(
                 "match_gate needs the label prior with prior='attention' or 'both' (dense matches)"
@@ -665,6 +723,13 @@ class ShapePriorNet(nn.Module):
                 ">= 0",
             ),
             ("match_restore_weight", match_restore_weight, match_restore_weight >= 0, ">= 0"),
+            (
+                "match_flat_fraction",
+                match_flat_fraction,
+                0 < match_flat_fraction <= 1,
+                "in (0, 1]",
+            ),
+            ("match_completion", match_completion, match_completion >= 0, ">= 0"),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {value}")
@@ -713,6 +778,9 @@ class ShapePriorNet(nn.Module):
             "anomaly_features": list(anomaly_features),
             "match_restore_iterations": match_restore_iterations,
             "match_restore_weight": match_restore_weight,
+            "match_flat": match_flat,
+            "match_flat_fraction": match_flat_fraction,
+            "match_completion": match_completion,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -774,6 +842,9 @@ class ShapePriorNet(nn.Module):
         self.match_anomaly_sigma = float(match_anomaly_sigma)
         self.match_restore_iterations = int(match_restore_iterations)
         self.match_restore_weight = float(match_restore_weight)
+        self.match_flat = bool(match_flat)
+        self.match_flat_fraction = float(match_flat_fraction)
+        self.match_completion = int(match_completion)
         self.anomaly: DenoisingAutoencoder | None = None
         self.restorer: DenoisingAutoencoder | None = None
         if match_gate:
@@ -1020,25 +1091,34 @@ class ShapePriorNet(nn.Module):
             ramp = evidence_gate(evidence, self.match_grow_low, self.match_grow_high)
             g = torch.where(grown & (g >= 0.5), torch.minimum(g, ramp), g)
         up = dict(size=tuple(size), mode="bilinear", align_corners=False)
+        if image is not None and image.shape[-2:] != tuple(size):
+            raise ValueError(f"image {tuple(image.shape)} does not match size {tuple(size)}")
+        flat, fill_gate = None, g
+        if image is not None and self.match_flat:
+            flat = featureless_regions(image)
+            coarse = F.adaptive_avg_pool2d(flat, tuple(image_hw))
+            g = reopen_explained(g, coarse > 0)
+            # the displacement under a featureless region comes from the anatomy around it
+            fill_gate = torch.where(coarse >= self.match_flat_fraction, torch.zeros_like(g), g)
 
         def warp(s: torch.Tensor, m: torch.Tensor, thw: Sequence[int]) -> torch.Tensor:
             disp = match_displacement(s, image_hw, thw, self.match_tau)
-            disp = fill_low_evidence(disp, g, self.match_fill * image_hw[0])
+            disp = fill_low_evidence(disp, fill_gate, self.match_fill * image_hw[0])
             return warp_by_displacement(m, F.interpolate(disp, **up))
 
         if self.match_templates > 1 and self.match_atlas_labels.shape[0] > 0:
-            warped = self._atlas_warp(image_embedding, g, size, warp)
+            warped = self._atlas_warp(image_embedding, fill_gate, size, warp)
         else:
             warped = warp(sim, masks, template_hw)
         warped = with_background(gaussian_blur(warped, self.match_blur * size[0]))
         g = F.interpolate(g, **up)
         # an open gate stays open (and training, before calibration, pays nothing)
         if image is not None and self.match_edge_sigma > 0 and bool(g.min() < 1):
-            if image.shape[-2:] != tuple(size):
-                raise ValueError(f"image {tuple(image.shape)} does not match size {tuple(size)}")
             g = joint_bilateral_filter(
                 g, image, self.match_edge_sigma * size[0], self.match_edge_range
             )
+        if flat is not None:
+            g = torch.minimum(g, 1 - flat)
         return g, warped
 
     def _atlas_warp(self, image_embedding, gate, size, warp) -> torch.Tensor:
@@ -1092,6 +1172,38 @@ class ShapePriorNet(nn.Module):
             and bool(self.match_restore_trained)
             and self.anomaly_active
         )
+
+    @property
+    def completion_active(self) -> bool:
+        """Whether a closed gate's region is completed from the atlas (``match_completion``
+        > 0 and the atlas calibrated)."""
+        return self.match_completion > 0 and self.match_atlas_labels.shape[0] > 0
+
+    def atlas_completion(self, logits: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Label probabilities (B, K + 1, H, W): the mean one-hot label map of the
+        ``match_completion`` atlas entries whose labels agree best (Dice averaged over the
+        foreground classes) with the prediction ``logits`` (B, K + 1, H, W) where the gate
+        (B, 1, H, W) is open (>= 0.5). The visible anatomy picks the subjects whose shapes
+        continue it under the closed region."""
+        labels = self.match_atlas_labels
+        if labels.shape[0] == 0:
+            raise ValueError("atlas_completion needs the atlas: calibrate the match gate first")
+        if labels.shape[-2:] != logits.shape[-2:] or gate.shape[-2:] != logits.shape[-2:]:
+            raise ValueError(
+                f"the atlas holds {tuple(labels.shape[-2:])} label maps; logits "
+                f"{tuple(logits.shape)} and gate {tuple(gate.shape)} must match that size"
+            )
+        b, c, h, w = logits.shape
+        pred = F.one_hot(logits.argmax(1), c).flatten(1, 2)[..., 1:].to(logits.dtype)
+        atlas = F.one_hot(labels.long(), c).flatten(1, 2).to(logits.dtype)  # (N, HW, K + 1)
+        fg = atlas[..., 1:]
+        seen = (gate >= 0.5).flatten(1).to(logits.dtype)  # (B, HW)
+        pred = pred * seen[..., None]
+        inter = torch.einsum("bpk,npk->bnk", pred, fg)
+        total = pred.sum(1)[:, None] + torch.einsum("bp,npk->bnk", seen, fg)
+        score = (2 * inter / total.clamp_min(1e-6)).mean(2)
+        top = score.topk(min(self.match_completion, labels.shape[0]), dim=1).indices
+        return atlas[top].mean(1).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
     def anomaly_evidence(self, image: torch.Tensor, coarse_hw: Sequence[int]) -> torch.Tensor:
         """The denoising autoencoder's standardised residual evidence (B, 1, *coarse_hw) of
@@ -1316,7 +1428,13 @@ class ShapePriorNet(nn.Module):
             # anatomy the autoencoder infers there rather than the occluder
             restored = self.restorer.restore(image, gate, self.match_restore_iterations)
             closed = self.decode(self.image_encoder(restored), tfeats, template_masks)
-        return self.combine(self.head(x), prior, gate, closed)
+        logits = self.head(x)
+        out = self.combine(logits, prior, gate, closed)
+        closed_somewhere = gate is not None and bool(gate.min() < 1)
+        if self.completion_active and prior is not None and closed_somewhere:
+            completed = self.atlas_completion(out, gate)
+            out = self.combine(logits, gate * prior + (1 - gate) * completed, gate, closed)
+        return out
 
     def forward_with_prior(
         self, image: torch.Tensor, template: torch.Tensor, template_masks: torch.Tensor
