@@ -15,7 +15,8 @@ are evaluated with it open (``SPN-...+prior``, the ungated model) and at each
 denoising autoencoder trained on the clean training images finds the image anomalous; the
 first calibration is also evaluated without that evidence, ``...,no-DAE)``, and, for models
 built with the restoration of the closed region on (``match_restore_iterations`` > 0, off by
-default), without it, ``...,no-restore)``). Under occlusion
+default), without it, ``...,no-restore)``; and, unless ``--no-flat``, with featureless regions
+closing the gate exactly where they lie, ``...,flat)``). Under occlusion
 and opacity the Dice of the corrupted structure is reported besides the mean over classes, and
 the target is checked both ways. Mean +- std over seeds.
 
@@ -144,16 +145,10 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--flat",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also evaluate each gated model (first calibration) with featureless regions "
-        "closing the gate ('...,flat)') and, in addition, the closed region completed from "
-        "the atlas ('...,flat,complete K)')",
-    )
-    p.add_argument(
-        "--completion",
-        type=int,
-        default=5,
-        help="atlas entries averaged by the '...,complete K)' rows (default 5)",
+        "closing the gate exactly where they lie ('...,flat)' rows; default on)",
     )
     p.add_argument("--lungs", default="auto", choices=["auto", "torchxrayvision", "parametric"])
     p.add_argument("--workers", type=int, help="processes computing HD95 (default: CPUs - 2)")
@@ -278,8 +273,7 @@ class GateSetting(NamedTuple):
     """How a match-gate model is evaluated (its weights never change): calibrated at
     ``quantiles`` (low, high) of the clean evidence, with or without the autoencoder's
     anomaly evidence and its restoration of the closed region, with featureless regions
-    closing the gate (``flat``), with the closed region completed from the atlas
-    (``completion`` atlas entries; 0 off), and, as a diagnostic, with every occluder found
+    closing the gate (``flat``) and, as a diagnostic, with every occluder found
     (``oracle``)."""
 
     quantiles: tuple[float, float]
@@ -287,7 +281,6 @@ class GateSetting(NamedTuple):
     restore: bool = True
     oracle: bool = False
     flat: bool = False
-    completion: int = 0
 
     @property
     def ablation(self) -> bool:
@@ -296,7 +289,7 @@ class GateSetting(NamedTuple):
 
 
 #: Model attributes a GateSetting overrides for the duration of an evaluation.
-_GATE_ATTRS = ("match_quantiles", "match_restore_iterations", "match_flat", "match_completion")
+_GATE_ATTRS = ("match_quantiles", "match_restore_iterations", "match_flat")
 
 
 @contextlib.contextmanager
@@ -313,10 +306,10 @@ def match_gate_state(
     if gate is None:
         model.match_low.fill_(-3.0)
         model.match_high.fill_(-2.0)
-        model.match_flat, model.match_completion = False, 0
+        model.match_flat = False
     else:
         model.match_quantiles = tuple(gate.quantiles)
-        model.match_flat, model.match_completion = gate.flat, gate.completion
+        model.match_flat = gate.flat
         calibrate_match_gate(model, train, seed=seed, device=device)
     if model.anomaly is not None and (gate is None or not gate.anomaly):
         model.match_anomaly_threshold.fill_(math.inf)  # the anomaly evidence stays off
@@ -335,7 +328,6 @@ def gate_row_name(model_name: str, gate: GateSetting | None) -> str:
     lo, hi = gate.quantiles
     tag = ",no-DAE" if not gate.anomaly else "" if gate.restore else ",no-restore"
     tag += ",flat" if gate.flat else ""
-    tag += f",complete {gate.completion}" if gate.completion else ""
     tag += ",oracle occluders" if gate.oracle else ""
     return f"{model_name}+gate({100 * lo:g}/{100 * hi:g}%{tag})"
 
@@ -456,10 +448,8 @@ def main() -> None:
                     dae = model.anomaly is not None and bool(model.match_anomaly_trained)
                     first = args.gate_quantiles[0]
                     gates += [GateSetting(q) for q in args.gate_quantiles]
-                    if args.flat:  # featureless regions close the gate, with/without completion
-                        gates += [GateSetting(first, flat=True)]
-                        if model.match_templates > 1:
-                            gates += [GateSetting(first, flat=True, completion=args.completion)]
+                    if args.flat:  # featureless regions close the gate
+                        gates.append(GateSetting(first, flat=True))
                     if dae:  # the first calibration without the anomaly evidence too (ablation)
                         gates.append(GateSetting(first, anomaly=False, restore=False))
                         if args.oracle_gate:  # and with every occluder found (diagnostic)

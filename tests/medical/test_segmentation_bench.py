@@ -59,8 +59,8 @@ def test_oracle_rows_are_named_and_never_target_candidates(bench):
     assert bench.is_diagnostic(oracle) and bench.is_diagnostic(oracle + " / fixed")
     plain = bench.gate_row_name("SPN", bench.GateSetting((0.001, 0.005)))
     assert plain == "SPN+gate(0.1/0.5%)" and not bench.is_diagnostic(plain)
-    flat = bench.gate_row_name("SPN", bench.GateSetting((0.001, 0.005), flat=True, completion=5))
-    assert flat == "SPN+gate(0.1/0.5%,flat,complete 5)" and not bench.is_diagnostic(flat)
+    flat = bench.gate_row_name("SPN", bench.GateSetting((0.001, 0.005), flat=True))
+    assert flat == "SPN+gate(0.1/0.5%,flat)" and not bench.is_diagnostic(flat)
     assert not bench.GateSetting((0.001, 0.005), flat=True).ablation
 
 
@@ -96,3 +96,21 @@ def test_restored_rows_are_compared_with_the_restored_baseline(bench, tmp_path):
     assert not any(v["met"] for v in verdicts.values())
     baselines = {"BasicUNet", f"BasicUNet {bench.RESTORED}"}
     assert {v["baseline"] for v in verdicts.values()} <= baselines
+
+
+def test_match_gate_state_sets_the_flat_gate_and_restores_the_model(bench):
+    from scaledl.medical.segmentation_data import synthetic_cxr_splits
+    from scaledl.medical.shape_prior import ShapePriorNet
+
+    train = synthetic_cxr_splits(32, 6, 0, 0, seed=0, lungs="parametric")["train"]
+    model = ShapePriorNet(train.num_classes, features=(2, 4, 4, 8, 8), match_gate=True)
+    model.eval()
+    with bench.match_gate_state(
+        model, bench.GateSetting((0.001, 0.005), flat=True), train, 0, "cpu"
+    ):
+        assert model.match_flat and float(model.match_low) > -2  # calibrated
+    assert not model.match_flat
+    model.match_flat = True
+    with bench.match_gate_state(model, None, train, 0, "cpu"):  # the open gate: no flat gate
+        assert not model.match_flat and float(model.match_high) == -2.0
+    assert model.match_flat

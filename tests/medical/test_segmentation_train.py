@@ -279,6 +279,12 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
     assert cond["clean"]["dice_mean"] == res["conditions"]["clean"]["dice_mean"] or (
         res["mode"] != restored["mode"]
     )
+    # --flat: featureless regions close the match gate; an image without any is unchanged
+    flat_args = ["segment", "eval", "--model", model, "--n", "2", "--flat", "--mode", "nearest"]
+    assert cli_main([*flat_args, "--corruptions", "occlusion", "--severities", "3", *common]) == 0
+    flat = json.loads(capsys.readouterr().out)
+    assert flat["flat"] is True and res["flat"] is False
+    assert flat["conditions"]["clean"]["dice_mean"] == res["conditions"]["clean"]["dice_mean"]
     assert (
         cli_main(
             [
@@ -340,3 +346,13 @@ def test_calibration_stores_the_training_atlas_without_changing_the_thresholds(d
     assert net.match_atlas_labels.shape[0] == 4
     with pytest.raises(ValueError, match="atlas_size"):
         calibrate_match_gate(net, data, atlas_size=0)
+
+
+def test_segment_cli_flat_needs_a_match_gate_model(tmp_path, capsys):
+    model = str(tmp_path / "model")
+    common = ["--size", "32", "--lungs", "parametric", "--json"]
+    train = ["segment", "train", "--n", "4", "--iters", "1", "--batch", "2", "--out", model]
+    assert cli_main([*train, "--features", *map(str, TINY), *common]) == 0
+    capsys.readouterr()
+    assert cli_main(["segment", "eval", "--model", model, "--flat", *common]) == 2
+    assert "--flat needs a model with the match gate" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from scaledl.medical.shape_prior import (
     dense_attention,
     estimate_affine,
     evidence_gate,
+    featureless_regions,
     fill_low_evidence,
     gaussian_blur,
     grow_closed_regions,
@@ -28,6 +29,7 @@ from scaledl.medical.shape_prior import (
     memory_evidence,
     pixel_centres,
     prototype_attention,
+    reopen_explained,
     warp_by_displacement,
     warp_masks,
     with_background,
@@ -831,3 +833,85 @@ def test_match_gate_follows_the_image_edges():
         torch.testing.assert_close(g_off, coarse)
     with pytest.raises(ValueError, match="match_edge_range"):
         ShapePriorNet(3, match_edge_range=0.0, **kw)
+
+
+def _with_flat_patch(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with one featureless 8x8 patch (constant 0.5) in image 0 only."""
+    x = x.clone()
+    x[0, 0, 8:16, 8:16] = 0.5
+    return x
+
+
+def test_featureless_regions_find_a_pasted_patch_only():
+    from scaledl.medical.restoration import flat_region_mask
+
+    x, _, _ = _inputs(b=2)
+    flat = featureless_regions(_with_flat_patch(x))
+    assert flat.shape == (2, 1, 32, 32) and flat.dtype == x.dtype
+    assert flat[0, 0, 8:16, 8:16].all()  # the patch, grown by at most 2 px for its rim
+    assert flat[0, 0, 6:18, 6:18].sum() == flat[0, 0].sum() > 64
+    assert not flat[1].any()  # noise everywhere: nothing is featureless
+    ref = flat_region_mask(_with_flat_patch(x)[0, 0].double().numpy())
+    assert torch.equal(flat[0, 0].bool(), torch.as_tensor(ref))
+
+
+def test_reopen_explained_opens_only_the_regions_that_touch_the_cause():
+    gate = torch.ones(2, 1, 6, 6)
+    gate[0, 0, 0:2, 0:2] = 0.0  # a closed blob ...
+    gate[0, 0, 2, 0:3] = 0.6  # ... and its partly closed rim, connected to it
+    gate[0, 0, 4:6, 4:6] = 0.0  # a separate closed blob
+    gate[1, 0, 0:2, 0:2] = 0.0  # image 1: the same blob, nothing explained there
+    explained = torch.zeros(2, 1, 6, 6, dtype=torch.bool)
+    explained[0, 0, 1, 1] = True
+    out = reopen_explained(gate, explained)
+    expected = gate.clone()
+    expected[0, 0, :3, :3] = 1.0  # the blob and its rim open; the other blob stays closed
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="same"):
+        reopen_explained(gate, explained[:, :, :5])
+
+
+def test_match_flat_closes_the_gate_exactly_on_featureless_regions(tmp_path):
+    x, t, m = _inputs(b=2)
+    kw = {
+        "features": TINY,
+        "match_gate": True,
+        "match_templates": 1,
+        "match_grow_quantiles": None,
+        "match_edge_sigma": 0.0,
+    }
+    net = ShapePriorNet(3, match_flat=True, **kw).eval()
+    plain = ShapePriorNet(3, **kw).eval()
+    plain.load_state_dict(net.state_dict())
+    for n in (net, plain):
+        n.match_low.fill_(0.0)
+        n.match_high.fill_(0.5)
+    xp = _with_flat_patch(x)
+    with torch.no_grad():
+        emb, temb = net.prior_matcher(xp), net.prior_matcher(t)
+        sim = _pairwise_cosine(emb, temb)
+        # coarse evidence (8x8 grid, 4 px per cell): open, except a blob over the patch's
+        # cells (2..3) that reaches further down, and one far from it
+        ev = torch.ones(2, 1, 8, 8)
+        ev[:, :, 1:7, 1:5] = -1.0
+        ev[:, :, 6:8, 6:8] = -1.0
+        args = (ev, sim, temb.shape[-2:], m, (32, 32), emb, xp)
+        g, _ = net._match_gate_prior(*args)
+        g0, _ = plain._match_gate_prior(*args)
+    flat = featureless_regions(xp)[:, 0] > 0
+    assert (g[0, 0][flat[0]] == 0).all()  # closed exactly on the patch (and its rim)
+    # the blob that touches the patch is explained by it: open again around the patch
+    assert g[0, 0, 22, 10] == 1 and g0[0, 0, 22, 10] == 0
+    assert g[0, 0, 30, 30] == 0 and g0[0, 0, 30, 30] == 0  # the far blob stays closed
+    torch.testing.assert_close(g[1], g0[1])  # no featureless region: the gate is unchanged
+    # a whole forward pass: an image without featureless regions gives the same output
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, m), plain(x, t, m))
+        assert not torch.equal(net(xp, t, m)[0], plain(xp, t, m)[0])
+    net.save_pretrained(tmp_path / "flat")
+    loaded = ShapePriorNet.from_pretrained(tmp_path / "flat")
+    assert loaded.match_flat and loaded.match_flat_fraction == net.match_flat_fraction
+    with pytest.raises(ValueError, match="match_flat needs match_gate"):
+        ShapePriorNet(3, features=TINY, match_flat=True)
+    with pytest.raises(ValueError, match="match_flat_fraction"):
+        ShapePriorNet(3, match_flat_fraction=0.0, **kw)

@@ -94,6 +94,28 @@ def _add_template_args(p: argparse.ArgumentParser) -> None:
         help="put the training-free restoration front end before the model: featureless "
         "regions inpainted, strong noise denoised (reference noise: the model's templates)",
     )
+    p.add_argument(
+        "--flat",
+        action="store_true",
+        help="featureless regions (pasted occluders, burned-in labels) close the match gate "
+        "exactly where they lie, and the template's shape fills them (a model trained with "
+        "--match-gate)",
+    )
+
+
+def _load_model(args: argparse.Namespace, device: str):
+    """The saved model and its templates, with the featureless-region gate on request."""
+    from scaledl.medical.segmentation_train import load_segmenter
+
+    model, bank = load_segmenter(args.model, device)
+    if args.flat:
+        if not getattr(model, "match_gate", False):
+            raise ValueError(
+                f"--flat needs a model with the match gate; {args.model} was trained without "
+                "it (train with 'segment train --match-gate')"
+            )
+        model.match_flat = True
+    return model, bank
 
 
 def _restorer(args: argparse.Namespace, bank):
@@ -150,14 +172,13 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from scaledl.medical.corruptions import CORRUPTIONS, corrupt_batch
     from scaledl.medical.segmentation_train import (
-        load_segmenter,
         predict_proba,
         segmentation_metrics,
         summarize,
     )
 
     device = _device(args)
-    model, bank = load_segmenter(args.model, device)
+    model, bank = _load_model(args, device)
     data = _load_data(args, "test", args.n)
     if data.num_classes != model.num_classes:
         raise ValueError(
@@ -216,6 +237,7 @@ def _eval(args: argparse.Namespace) -> None:
         "model": str(args.model),
         "mode": args.mode,
         "restore": bool(args.restore),
+        "flat": bool(args.flat),
         "images": len(data),
         "conditions": rows,
     }
@@ -229,13 +251,13 @@ def _predict(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from scaledl.medical.segmentation_data import _read_2d_slices, _resize
-    from scaledl.medical.segmentation_train import load_segmenter, predict_proba
+    from scaledl.medical.segmentation_train import predict_proba
 
     missing = [f for f in args.inputs if not Path(f).is_file()]
     if missing:  # before loading the model: a typo should not wait for it
         raise ValueError(f"input {missing[0]} does not exist ({len(missing)} missing)")
     device = _device(args)
-    model, bank = load_segmenter(args.model, device)
+    model, bank = _load_model(args, device)
     size = bank.images.shape[-1]
     restorer = _restorer(args, bank)
     out = Path(args.out)

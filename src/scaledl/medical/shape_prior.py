@@ -40,7 +40,10 @@ e.g. under an occluder, the decoder's logits are gated off and the prior decides
 being warped there by the match displacement interpolated from the trusted surroundings
 (:func:`match_displacement`, :func:`fill_low_evidence`, :func:`warp_by_displacement`). The gate
 is calibrated after training on clean training images only
-(:meth:`ShapePriorNet.calibrate_match_gate`); training itself is unchanged.
+(:meth:`ShapePriorNet.calibrate_match_gate`); training itself is unchanged. With
+``match_flat=True`` the gate also closes exactly on featureless regions of the image
+(:func:`featureless_regions`, e.g. a pasted occluder), which then replace the coarse evidence's
+closed blob around them (:func:`reopen_explained`).
 """
 
 from __future__ import annotations
@@ -585,11 +588,6 @@ class ShapePriorNet(nn.Module):
         match_flat_fraction: a coarse position counts as featureless (its match displacement
             is interpolated from the surroundings) when at least this fraction of its pixels
             are.
-        match_completion: k > 0 completes the shape under a closed gate from the atlas: the k
-            atlas label maps that agree best (mean foreground Dice) with the prediction where
-            the gate is open are averaged (:meth:`atlas_completion`) and replace the warped
-            template there; the decoder runs once, the output combination twice. Needs the
-            atlas (``match_templates`` > 1, calibrated). 0 (the default) turns it off.
         norm, act, dropout: passed to the MONAI blocks.
 
     ``forward(image, template, template_masks)`` takes (B, C, H, W), (B, C, H, W) and one-hot
@@ -641,7 +639,6 @@ class ShapePriorNet(nn.Module):
         match_restore_weight: float = 0.5,
         match_flat: bool = False,
         match_flat_fraction: float = 0.25,
-        match_completion: int = 0,
         norm: str | tuple = ("instance", {"affine": True}),
         act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         dropout: float = 0.0,
@@ -679,10 +676,6 @@ class ShapePriorNet(nn.Module):
             raise ValueError("evidence_gate needs prior='affine' or 'both' (an alignment)")
         if match_flat and not match_gate:
             raise ValueError("match_flat needs match_gate=True")
-        if match_completion and (not match_gate or match_templates < 2):
-            raise ValueError(
-                "match_completion needs match_gate=True and match_templates > 1 (the atlas)"
-            )
         if match_gate and (not label_prior or prior == "affine"):
             raise ValueError(
                 "match_gate needs the label prior with prior='attention' or 'both' (dense matches)"
@@ -729,7 +722,6 @@ class ShapePriorNet(nn.Module):
                 0 < match_flat_fraction <= 1,
                 "in (0, 1]",
             ),
-            ("match_completion", match_completion, match_completion >= 0, ">= 0"),
         ):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {value}")
@@ -780,7 +772,6 @@ class ShapePriorNet(nn.Module):
             "match_restore_weight": match_restore_weight,
             "match_flat": match_flat,
             "match_flat_fraction": match_flat_fraction,
-            "match_completion": match_completion,
             "norm": norm,
             "act": act,
             "dropout": dropout,
@@ -844,7 +835,6 @@ class ShapePriorNet(nn.Module):
         self.match_restore_weight = float(match_restore_weight)
         self.match_flat = bool(match_flat)
         self.match_flat_fraction = float(match_flat_fraction)
-        self.match_completion = int(match_completion)
         self.anomaly: DenoisingAutoencoder | None = None
         self.restorer: DenoisingAutoencoder | None = None
         if match_gate:
@@ -1173,38 +1163,6 @@ class ShapePriorNet(nn.Module):
             and self.anomaly_active
         )
 
-    @property
-    def completion_active(self) -> bool:
-        """Whether a closed gate's region is completed from the atlas (``match_completion``
-        > 0 and the atlas calibrated)."""
-        return self.match_completion > 0 and self.match_atlas_labels.shape[0] > 0
-
-    def atlas_completion(self, logits: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Label probabilities (B, K + 1, H, W): the mean one-hot label map of the
-        ``match_completion`` atlas entries whose labels agree best (Dice averaged over the
-        foreground classes) with the prediction ``logits`` (B, K + 1, H, W) where the gate
-        (B, 1, H, W) is open (>= 0.5). The visible anatomy picks the subjects whose shapes
-        continue it under the closed region."""
-        labels = self.match_atlas_labels
-        if labels.shape[0] == 0:
-            raise ValueError("atlas_completion needs the atlas: calibrate the match gate first")
-        if labels.shape[-2:] != logits.shape[-2:] or gate.shape[-2:] != logits.shape[-2:]:
-            raise ValueError(
-                f"the atlas holds {tuple(labels.shape[-2:])} label maps; logits "
-                f"{tuple(logits.shape)} and gate {tuple(gate.shape)} must match that size"
-            )
-        b, c, h, w = logits.shape
-        pred = F.one_hot(logits.argmax(1), c).flatten(1, 2)[..., 1:].to(logits.dtype)
-        atlas = F.one_hot(labels.long(), c).flatten(1, 2).to(logits.dtype)  # (N, HW, K + 1)
-        fg = atlas[..., 1:]
-        seen = (gate >= 0.5).flatten(1).to(logits.dtype)  # (B, HW)
-        pred = pred * seen[..., None]
-        inter = torch.einsum("bpk,npk->bnk", pred, fg)
-        total = pred.sum(1)[:, None] + torch.einsum("bp,npk->bnk", seen, fg)
-        score = (2 * inter / total.clamp_min(1e-6)).mean(2)
-        top = score.topk(min(self.match_completion, labels.shape[0]), dim=1).indices
-        return atlas[top].mean(1).reshape(b, h, w, c).permute(0, 3, 1, 2)
-
     def anomaly_evidence(self, image: torch.Tensor, coarse_hw: Sequence[int]) -> torch.Tensor:
         """The denoising autoencoder's standardised residual evidence (B, 1, *coarse_hw) of
         ``image`` (B, C, H, W), area-pooled to the match gate's grid
@@ -1428,13 +1386,7 @@ class ShapePriorNet(nn.Module):
             # anatomy the autoencoder infers there rather than the occluder
             restored = self.restorer.restore(image, gate, self.match_restore_iterations)
             closed = self.decode(self.image_encoder(restored), tfeats, template_masks)
-        logits = self.head(x)
-        out = self.combine(logits, prior, gate, closed)
-        closed_somewhere = gate is not None and bool(gate.min() < 1)
-        if self.completion_active and prior is not None and closed_somewhere:
-            completed = self.atlas_completion(out, gate)
-            out = self.combine(logits, gate * prior + (1 - gate) * completed, gate, closed)
-        return out
+        return self.combine(self.head(x), prior, gate, closed)
 
     def forward_with_prior(
         self, image: torch.Tensor, template: torch.Tensor, template_masks: torch.Tensor
