@@ -915,3 +915,29 @@ def test_match_flat_closes_the_gate_exactly_on_featureless_regions(tmp_path):
         ShapePriorNet(3, features=TINY, match_flat=True)
     with pytest.raises(ValueError, match="match_flat_fraction"):
         ShapePriorNet(3, match_flat_fraction=0.0, **kw)
+
+
+@pytest.mark.gpu
+def test_match_flat_on_cuda_matches_the_cpu(monkeypatch):
+    """The featureless-region detector runs on the CPU; the gate it closes lands on the
+    network's device, closed on the same pixels, and the CUDA output equals the CPU one."""
+    # TF32 convolutions alone move the logits by ~1e-3 on Hopper
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, t, m = _inputs(b=2)
+    xp = _with_flat_patch(x)
+    net = ShapePriorNet(3, features=TINY, match_gate=True, match_flat=True).eval()
+    net.match_low.fill_(-0.5)
+    net.match_high.fill_(0.0)
+    flat = featureless_regions(xp) > 0
+    with torch.no_grad():
+        cpu = net(xp, t, m)
+        net.cuda()
+        xc, tc, mc = xp.cuda(), t.cuda(), m.cuda()
+        gpu = net(xc, tc, mc)
+        _, gate = net.label_prior_map(
+            net.prior_matcher(xc), tc, mc, (32, 32), return_gate=True, image=xc
+        )
+    assert gpu.device.type == "cuda" and gate.device.type == "cuda"
+    assert (gate.cpu()[flat] == 0).all()
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
