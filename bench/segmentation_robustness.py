@@ -527,10 +527,12 @@ def report(args, results, targets, names, conds, train_s, source, total_s) -> No
                     entry[f"{key}_{name}"] = float(cls[:, c].mean())
                 entry[f"{key}_mean"] = float(cls.mean(1).mean())
                 entry[f"{key}_mean_std"] = float(cls.mean(1).std())
+                entry[f"{key}_mean_per_seed"] = [float(v) for v in cls.mean(1)]
             if cond in targets:
                 tgt = [100 * target_dice(m["dice"], targets[cond]) for m in per_seed]
                 entry["dice_target"] = float(np.mean(tgt))
                 entry["dice_target_std"] = float(np.std(tgt))
+                entry["dice_target_per_seed"] = [float(v) for v in tgt]
             summary[row][cond] = entry
     # groups: clean, each corruption averaged over severities, and noise-3 (strong noise)
     groups = ["clean", *CORRUPTIONS, "noise-3", "occlusion-3"]
@@ -604,12 +606,26 @@ def report(args, results, targets, names, conds, train_s, source, total_s) -> No
             return summary[row][g.split("@")[0]]["dice_target"]
         return group_dice(row, g)
 
+    def figure_per_seed(row: str, g: str) -> np.ndarray:
+        if g.endswith("@struct"):
+            return np.array(summary[row][g.split("@")[0]]["dice_target_per_seed"])
+        members = [c for c in conds if c == g or _cond_group(c) == g]
+        return np.mean([summary[row][c]["dice_mean_per_seed"] for c in members], axis=0)
+
     checked = [*TARGET_CONDITIONS, *(f"{c}@struct" for c in TARGET_CONDITIONS if c in targets)]
     bases = {base, f"{base} {RESTORED}"}
     gains = {
         r: {g: figure(r, g) - figure(baseline_of(r, base), g) for g in ("clean", *checked)}
         for r in rows
         if r not in bases
+    }
+    # the same per seed (rows and baseline trained with the same seed): a mean can hide a seed
+    gains_per_seed = {
+        r: {
+            g: [float(v) for v in figure_per_seed(r, g) - figure_per_seed(baseline_of(r, base), g)]
+            for g in gains[r]
+        }
+        for r in gains
     }
     # The restored rows against the plain baseline too (not a fair comparison: reported only).
     gains_plain = {
@@ -642,6 +658,14 @@ def report(args, results, targets, names, conds, train_s, source, total_s) -> No
             + ", ".join(f"{g} {gains[best][g]:+.2f}" for g in ("clean", *keys))
             + f" -> {'MET' if met else 'NOT MET'}"
         )
+        if len(seeds) > 1:
+            print(
+                "  per seed: "
+                + ", ".join(
+                    f"{g} " + " / ".join(f"{v:+.2f}" for v in gains_per_seed[best][g])
+                    for g in ("clean", *keys)
+                )
+            )
     for r, g in gains_plain.items():
         print(
             f"{r} vs {base} (without the front end; not a target reading): "
@@ -659,6 +683,7 @@ def report(args, results, targets, names, conds, train_s, source, total_s) -> No
             "train_seconds": train_s,
             "summary": summary,
             "gains_vs_baseline": gains,
+            "gains_vs_baseline_per_seed": gains_per_seed,
             "restored_gains_vs_plain_baseline": gains_plain,
             "target": {"verdicts": verdicts, "gain": TARGET_GAIN, "clean_tol": CLEAN_TOL},
             "total_seconds": total_s,

@@ -114,3 +114,30 @@ def test_match_gate_state_sets_the_flat_gate_and_restores_the_model(bench):
     with bench.match_gate_state(model, None, train, 0, "cpu"):  # the open gate: no flat gate
         assert not model.match_flat and float(model.match_high) == -2.0
     assert model.match_flat
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # corruption groups with no condition
+def test_gains_are_also_reported_per_seed(bench, tmp_path):
+    """A mean over seeds can pass while one seed misses: each seed's gain is kept, paired
+    with the baseline of the same seed."""
+    import argparse
+    import json
+
+    conds = ["clean", "noise-3", "occlusion-3"]
+    # seed 0: SPN +8 over its baseline; seed 1: +2 (mean +5)
+    level = {("BasicUNet", 0): 0.90, ("BasicUNet", 1): 0.80, ("SPN", 0): 0.98, ("SPN", 1): 0.82}
+    results = {}
+    for (row, seed), d in level.items():
+        for cond in conds:
+            dice = np.full((4, 2), 0.99 if cond == "clean" else d)
+            results[(row, seed, cond)] = {"dice": dice, "hd95": np.ones((4, 2))}
+    targets = {"occlusion-3": np.array([1, 2, 1, 2])}
+    out = tmp_path / "seg.json"
+    bench.report(argparse.Namespace(out=str(out)), results, targets, ["a", "b"], conds, {}, "x", 1)
+    doc = json.loads(out.read_text())
+    assert doc["gains_vs_baseline"]["SPN"]["occlusion-3"] == pytest.approx(5.0)
+    per_seed = doc["gains_vs_baseline_per_seed"]["SPN"]
+    assert per_seed["occlusion-3"] == pytest.approx([8.0, 2.0])
+    assert per_seed["occlusion-3@struct"] == pytest.approx([8.0, 2.0])
+    assert per_seed["clean"] == pytest.approx([0.0, 0.0])
+    assert doc["summary"]["SPN"]["noise-3"]["dice_mean_per_seed"] == pytest.approx([98.0, 82.0])
