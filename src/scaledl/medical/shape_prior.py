@@ -941,12 +941,15 @@ class ShapePriorNet(nn.Module):
         size: Sequence[int],
         return_gate: bool = False,
         image: torch.Tensor | None = None,
+        flat: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """The template's labels transferred to the image, P (B, K + 1, *size), rows sum to 1.
 
         ``image_embedding`` is ``prior_matcher(image)``; background is channel 0. With
         ``return_gate`` also the evidence gate (B, 1, *size) (None without ``evidence_gate``
-        or ``match_gate``). The match gate is snapped to the edges of ``image`` when given.
+        or ``match_gate``). The match gate is snapped to the edges of ``image`` when given;
+        with ``match_flat`` it closes on ``image``'s featureless regions, ``flat`` if given
+        (``featureless_regions(image)`` computed once for several templates).
         """
         temb = self.prior_matcher(template)
         masks = template_masks.to(temb.dtype)
@@ -964,7 +967,7 @@ class ShapePriorNet(nn.Module):
             if self.match_gate:
                 ev = self._evidence(image_embedding, sim)
                 g, warped = self._match_gate_prior(
-                    ev, sim, temb.shape[-2:], masks, size, image_embedding, image
+                    ev, sim, temb.shape[-2:], masks, size, image_embedding, image, flat
                 )
                 p = g * p + (1 - g) * warped
                 gate = g
@@ -1058,13 +1061,15 @@ class ShapePriorNet(nn.Module):
         size: Sequence[int],
         image_embedding: torch.Tensor,
         image: torch.Tensor | None = None,
+        flat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The match gate g (B, 1, *size) and the prior used where it is closed: the template's
         full-resolution masks warped by the match displacement, with the displacement under
         low-evidence positions interpolated from the trusted ones around them (an occluder's
         own matches are wrong, but the anatomy around it still says where the template's
         structures lie); with an atlas, the mean of ``match_templates`` such warps. With
-        ``image`` (B, C, *size), the upsampled gate follows its edges."""
+        ``image`` (B, C, *size), the upsampled gate follows its edges and, with ``match_flat``,
+        closes on its featureless regions (``flat``, computed here unless given)."""
         image_hw = evidence.shape[-2:]
         g = evidence_gate(evidence, self.match_low, self.match_high)
         if image is not None and self.anomaly_active:
@@ -1083,9 +1088,11 @@ class ShapePriorNet(nn.Module):
         up = dict(size=tuple(size), mode="bilinear", align_corners=False)
         if image is not None and image.shape[-2:] != tuple(size):
             raise ValueError(f"image {tuple(image.shape)} does not match size {tuple(size)}")
-        flat, fill_gate = None, g
-        if image is not None and self.match_flat:
-            flat = featureless_regions(image)
+        fill_gate = g
+        if image is None or not self.match_flat:
+            flat = None
+        else:
+            flat = featureless_regions(image) if flat is None else flat
             coarse = F.adaptive_avg_pool2d(flat, tuple(image_hw))
             g = reopen_explained(g, coarse > 0)
             # the displacement under a featureless region comes from the anatomy around it
@@ -1445,6 +1452,8 @@ class ShapePriorNet(nn.Module):
             raise ValueError("templates and template_masks must be (B, n, C, H, W)")
         feats = self.image_encoder(image)
         emb = self.prior_matcher(image) if self.has_label_prior else None
+        # the image's featureless regions are the same for every template
+        flat = featureless_regions(image) if emb is not None and self.match_flat else None
         probs = 0.0
         n = templates.shape[1]
         for j in range(n):
@@ -1452,7 +1461,7 @@ class ShapePriorNet(nn.Module):
             prior = gate = None
             if emb is not None:
                 prior, gate = self.label_prior_map(
-                    emb, t, m, image.shape[-2:], return_gate=True, image=image
+                    emb, t, m, image.shape[-2:], return_gate=True, image=image, flat=flat
                 )
             logits = self.decode(feats, self.encode_template(t, m), m, prior, gate, image)
             probs = probs + torch.softmax(logits, 1)
