@@ -908,8 +908,8 @@ def test_match_flat_closes_the_gate_exactly_on_featureless_regions(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(net(x, t, m), plain(x, t, m))
         assert not torch.equal(net(xp, t, m)[0], plain(xp, t, m)[0])
-    # several templates: the detector runs once per batch, and the ensemble is the mean of the
-    # single-template softmaxes
+    # several templates: the image's cues (featureless regions, anomaly evidence) are read
+    # once per batch, and the ensemble is the mean of the single-template softmaxes
     import scaledl.medical.shape_prior as sp
 
     calls = []
@@ -918,11 +918,20 @@ def test_match_flat_closes_the_gate_exactly_on_featureless_regions(tmp_path):
         calls.append(image.shape[0])
         return featureless_regions(image)
 
+    anomaly_calls = []
+    evidence = net.anomaly_evidence
+
+    def counted_anomaly(image, hw):
+        anomaly_calls.append(image.shape[0])
+        return evidence(image, hw)
+
+    net.match_anomaly_threshold.fill_(1e9)  # active, but never above the threshold
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(sp, "featureless_regions", counted)
+        mp.setattr(net, "anomaly_evidence", counted_anomaly)
         ts, ms = torch.stack([t, t.flip(-1)], 1), torch.stack([m, m.flip(-1)], 1)
         probs = net.predict_proba(xp, ts, ms)
-        assert calls == [2]
+        assert calls == [2] and anomaly_calls == [2]
         single = [torch.softmax(net(xp, ts[:, j], ms[:, j]), 1) for j in range(2)]
     torch.testing.assert_close(probs, (single[0] + single[1]) / 2)
     net.save_pretrained(tmp_path / "flat")

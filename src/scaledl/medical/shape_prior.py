@@ -53,6 +53,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -207,6 +208,15 @@ def featureless_regions(image: torch.Tensor) -> torch.Tensor:
     arr = image.detach().float().mean(1).cpu().numpy().astype(np.float64)
     flat = np.stack([flat_region_mask(x) for x in arr])
     return torch.as_tensor(flat, dtype=image.dtype, device=image.device)[:, None]
+
+
+class ImageCues(NamedTuple):
+    """What the match gate reads from the image itself, the same for every template:
+    featureless regions (B, 1, H, W) and the anomaly evidence on the coarse grid
+    (B, 1, h, w); None where that cue is off."""
+
+    flat: torch.Tensor | None
+    anomaly: torch.Tensor | None
 
 
 def reopen_explained(gate: torch.Tensor, explained: torch.Tensor) -> torch.Tensor:
@@ -941,15 +951,15 @@ class ShapePriorNet(nn.Module):
         size: Sequence[int],
         return_gate: bool = False,
         image: torch.Tensor | None = None,
-        flat: torch.Tensor | None = None,
+        cues: ImageCues | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """The template's labels transferred to the image, P (B, K + 1, *size), rows sum to 1.
 
         ``image_embedding`` is ``prior_matcher(image)``; background is channel 0. With
         ``return_gate`` also the evidence gate (B, 1, *size) (None without ``evidence_gate``
         or ``match_gate``). The match gate is snapped to the edges of ``image`` when given;
-        with ``match_flat`` it closes on ``image``'s featureless regions, ``flat`` if given
-        (``featureless_regions(image)`` computed once for several templates).
+        with the anomaly evidence and ``match_flat`` it also reads ``image`` itself, through
+        ``cues`` if given (:meth:`image_cues`, computed once for several templates).
         """
         temb = self.prior_matcher(template)
         masks = template_masks.to(temb.dtype)
@@ -967,7 +977,7 @@ class ShapePriorNet(nn.Module):
             if self.match_gate:
                 ev = self._evidence(image_embedding, sim)
                 g, warped = self._match_gate_prior(
-                    ev, sim, temb.shape[-2:], masks, size, image_embedding, image, flat
+                    ev, sim, temb.shape[-2:], masks, size, image_embedding, image, cues
                 )
                 p = g * p + (1 - g) * warped
                 gate = g
@@ -1061,26 +1071,27 @@ class ShapePriorNet(nn.Module):
         size: Sequence[int],
         image_embedding: torch.Tensor,
         image: torch.Tensor | None = None,
-        flat: torch.Tensor | None = None,
+        cues: ImageCues | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The match gate g (B, 1, *size) and the prior used where it is closed: the template's
         full-resolution masks warped by the match displacement, with the displacement under
         low-evidence positions interpolated from the trusted ones around them (an occluder's
         own matches are wrong, but the anatomy around it still says where the template's
         structures lie); with an atlas, the mean of ``match_templates`` such warps. With
-        ``image`` (B, C, *size), the upsampled gate follows its edges and, with ``match_flat``,
-        closes on its featureless regions (``flat``, computed here unless given)."""
+        ``image`` (B, C, *size), the upsampled gate follows its edges and closes on the
+        image's own cues (``cues``, :meth:`image_cues` unless given)."""
         image_hw = evidence.shape[-2:]
         g = evidence_gate(evidence, self.match_low, self.match_high)
-        if image is not None and self.anomaly_active:
+        if image is not None and cues is None:
+            cues = self.image_cues(image, image_hw)
+        flat = anomaly = None
+        if cues is not None:
+            flat, anomaly = cues
+        if anomaly is not None:
             # the denoising autoencoder's residual flags what normal anatomy does not explain
             # (occluders the embedding finds familiar); such positions close the gate and seed
             # the hysteresis
-            g = torch.where(
-                self.anomaly_evidence(image, image_hw) > self.match_anomaly_threshold,
-                torch.zeros_like(g),
-                g,
-            )
+            g = torch.where(anomaly > self.match_anomaly_threshold, torch.zeros_like(g), g)
         if self.match_grow_quantiles is not None:
             grown = grow_closed_regions(g, evidence, self.match_grow_high)
             ramp = evidence_gate(evidence, self.match_grow_low, self.match_grow_high)
@@ -1089,10 +1100,7 @@ class ShapePriorNet(nn.Module):
         if image is not None and image.shape[-2:] != tuple(size):
             raise ValueError(f"image {tuple(image.shape)} does not match size {tuple(size)}")
         fill_gate = g
-        if image is None or not self.match_flat:
-            flat = None
-        else:
-            flat = featureless_regions(image) if flat is None else flat
+        if flat is not None:
             coarse = F.adaptive_avg_pool2d(flat, tuple(image_hw))
             g = reopen_explained(g, coarse > 0)
             # the displacement under a featureless region comes from the anatomy around it
@@ -1168,6 +1176,14 @@ class ShapePriorNet(nn.Module):
             and self.match_restore_iterations > 0
             and bool(self.match_restore_trained)
             and self.anomaly_active
+        )
+
+    def image_cues(self, image: torch.Tensor, coarse_hw: Sequence[int]) -> ImageCues:
+        """The cues the match gate reads from ``image`` alone: its featureless regions (with
+        ``match_flat``) and the anomaly evidence on the ``coarse_hw`` grid (when active)."""
+        return ImageCues(
+            featureless_regions(image) if self.match_flat else None,
+            self.anomaly_evidence(image, coarse_hw) if self.anomaly_active else None,
         )
 
     def anomaly_evidence(self, image: torch.Tensor, coarse_hw: Sequence[int]) -> torch.Tensor:
@@ -1452,8 +1468,10 @@ class ShapePriorNet(nn.Module):
             raise ValueError("templates and template_masks must be (B, n, C, H, W)")
         feats = self.image_encoder(image)
         emb = self.prior_matcher(image) if self.has_label_prior else None
-        # the image's featureless regions are the same for every template
-        flat = featureless_regions(image) if emb is not None and self.match_flat else None
+        # what the gate reads from the image is the same for every template
+        cues = (
+            self.image_cues(image, emb.shape[-2:]) if emb is not None and self.match_gate else None
+        )
         probs = 0.0
         n = templates.shape[1]
         for j in range(n):
@@ -1461,7 +1479,7 @@ class ShapePriorNet(nn.Module):
             prior = gate = None
             if emb is not None:
                 prior, gate = self.label_prior_map(
-                    emb, t, m, image.shape[-2:], return_gate=True, image=image, flat=flat
+                    emb, t, m, image.shape[-2:], return_gate=True, image=image, cues=cues
                 )
             logits = self.decode(feats, self.encode_template(t, m), m, prior, gate, image)
             probs = probs + torch.softmax(logits, 1)
